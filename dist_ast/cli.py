@@ -1,0 +1,62 @@
+"""Hydra plumbing shared by the entry points: the config store, the config folder, and
+turning a composed config into validated dataclasses with a clear error."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from dist_ast.config import ConfigError, RunConfig, to_run_config
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+log = logging.getLogger("dist_ast")
+
+
+def _register() -> None:
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -> RunConfig:
+    """The validated config for these overrides, as the command line would build it."""
+    _register()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides))
+    return to_run_config(cfg)
+
+
+def hydra_main(fn: Callable[[RunConfig], Any], config_name: str = "config") -> None:
+    """Run ``fn`` on the composed config; a bad value exits 2 with the key named."""
+    import hydra
+
+    _register()
+    if not CONFIG_DIR.is_dir():
+        raise SystemExit(
+            f"config folder {CONFIG_DIR} not found: install dist_ast from a clone with "
+            "`pip install -e .` so that configs/ sits beside the package"
+        )
+
+    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)
+    def _main(cfg: DictConfig) -> None:
+        try:
+            config = to_run_config(cfg)
+        except ConfigError as e:
+            log.error("%s", e)
+            sys.exit(2)
+        try:
+            fn(config)
+        except ConfigError as e:
+            log.error("%s", e)
+            sys.exit(2)
+
+    _main()
+
+
+def resolved_yaml(config: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))

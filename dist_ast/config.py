@@ -1,0 +1,252 @@
+"""Typed run configuration, validated at the boundary.
+
+Hydra composes YAML from ``configs/`` on top of these dataclasses (struct mode: an
+unknown key is an error that names it); ``OmegaConf.to_object`` then builds the
+dataclasses, whose ``__post_init__`` reject bad values with the key, the value and
+what is allowed. Field comments map each key to the paper's hyperparameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+MODELS = ("tiny_cnn", "wrn32", "resnet18", "resnet50")
+DATASETS = ("digits", "digits_shards", "cifar10", "imagenet", "synthetic")
+LOADERS = ("memory", "wds", "dali")
+MODES = ("alternating", "joint", "individual")
+MASK_RELATIONS = ("non_disjoint", "completely_subset")
+ENGINES = ("ddp", "deepspeed")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot run; the message names the key and the fix."""
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid {key}={value!r}: {allowed}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny_cnn"  # one of MODELS
+    num_classes: int = 10
+    dense_classifier: bool = False  # the first conv is always dense; the classifier is optional
+    zero_init_residual: bool = False  # torchvision ResNets: last BN of each block starts at 0
+    small_input: bool = True  # ResNet-18/50 on 32x32: 3x3 stem, no max-pool
+
+    def __post_init__(self) -> None:
+        _require(self.name in MODELS, "model.name", self.name, f"choose one of {MODELS}")
+        _require(self.num_classes >= 2, "model.num_classes", self.num_classes, "must be >= 2")
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # one of DATASETS
+    loader: str = "memory"  # memory (in-RAM tensors) | wds (webdataset) | dali
+    root: str = ""  # shard directory (wds/dali) or ImageFolder tree, depending on name
+    image_size: int = 32  # training crop; validation resizes to image_size / 0.875 then crops
+    num_workers: int = 2  # DataLoader workers or DALI threads per rank
+    random_resized_crop_min: float = 0.08  # ImageNet recipe: scale (min, 1)
+    synthetic_size: int = 1024  # samples per epoch for data=synthetic
+
+    def __post_init__(self) -> None:
+        _require(self.name in DATASETS, "data.name", self.name, f"choose one of {DATASETS}")
+        _require(self.loader in LOADERS, "data.loader", self.loader, f"choose one of {LOADERS}")
+        _require(self.image_size >= 8, "data.image_size", self.image_size, "must be >= 8")
+        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+
+
+@dataclass
+class ASTConfig:
+    mode: str = "alternating"  # alternating (AST) | joint (Slimmable baseline) | individual
+    sparsities: list[float] = field(default_factory=lambda: [0.5, 0.8, 0.9])  # s_k, ascending
+    initial_sparsity: float = 0.0  # s_i: 0, 0.5, 0.8 or 0.9 in the paper
+    gradient_correction: bool = True  # AST+GC
+    mask_relation: str = "non_disjoint"  # non_disjoint (ND, default) | completely_subset (CS)
+    update_every: int = 100  # ΔT: steps between two mask updates of one sub-net
+    stagger: int = 10  # Δτ in *global* steps (the authors count sub-net steps: ~N times more)
+    ramp_start_epoch: float = 0.0  # t0: start of the cubic ramp (after warmup on ImageNet)
+    ramp_end_epoch: float = 1.0  # t1: every sub-net reaches s_k here
+    update_end_epoch: float | None = None  # last mask update; None = until the end
+    regrow_fraction: float = 0.5  # r_0 of the cosine regrow fraction
+    regrow_fraction_min: float = 0.005  # r_min
+    nm_patterns: list[str] | None = None  # N:M sub-nets, e.g. ["2:4", "1:4", "1:8"]
+
+    @property
+    def num_subnets(self) -> int:
+        return len(self.sparsities)
+
+    def __post_init__(self) -> None:
+        _require(self.mode in MODES, "ast.mode", self.mode, f"choose one of {MODES}")
+        s = list(self.sparsities)
+        _require(len(s) > 0, "ast.sparsities", s, "need at least one sub-net (N >= 1)")
+        for v in s:
+            _require(0.0 <= v < 1.0, "ast.sparsities", s, "every sparsity must lie in [0, 1)")
+        _require(
+            all(a < b for a, b in zip(s, s[1:], strict=False)),
+            "ast.sparsities",
+            s,
+            "must be strictly ascending, e.g. [0.8, 0.9, 0.95]",
+        )
+        _require(
+            self.mode != "individual" or len(s) == 1,
+            "ast.sparsities",
+            s,
+            "ast.mode=individual trains one sub-net: give one sparsity (one run per sparsity)",
+        )
+        _require(
+            0.0 <= self.initial_sparsity <= s[0],
+            "ast.initial_sparsity",
+            self.initial_sparsity,
+            f"must lie in [0, {s[0]}] (the lowest target sparsity)",
+        )
+        _require(
+            self.mask_relation in MASK_RELATIONS,
+            "ast.mask_relation",
+            self.mask_relation,
+            f"choose one of {MASK_RELATIONS}",
+        )
+        _require(self.update_every >= 1, "ast.update_every", self.update_every, "must be >= 1")
+        _require(self.stagger >= 0, "ast.stagger", self.stagger, "must be >= 0")
+        _require(
+            self.stagger * (len(s) - 1) < self.update_every,
+            "ast.stagger",
+            self.stagger,
+            f"stagger*(N-1) must be < ast.update_every={self.update_every}, so that no two "
+            "sub-nets update at once",
+        )
+        _require(
+            0.0 <= self.ramp_start_epoch <= self.ramp_end_epoch,
+            "ast.ramp_end_epoch",
+            self.ramp_end_epoch,
+            f"must be >= ast.ramp_start_epoch={self.ramp_start_epoch} >= 0",
+        )
+        _require(
+            0.0 <= self.regrow_fraction_min <= self.regrow_fraction <= 1.0,
+            "ast.regrow_fraction",
+            self.regrow_fraction,
+            f"need 0 <= regrow_fraction_min ({self.regrow_fraction_min}) <= regrow_fraction <= 1",
+        )
+        _require(
+            not (self.gradient_correction and self.mode == "joint"),
+            "ast.gradient_correction",
+            self.gradient_correction,
+            "gradient correction is defined for alternating training; set it false for joint",
+        )
+        if self.nm_patterns is not None:
+            _require(
+                len(self.nm_patterns) == len(s),
+                "ast.nm_patterns",
+                self.nm_patterns,
+                f"give one N:M pattern per sub-net ({len(s)})",
+            )
+            for p in self.nm_patterns:
+                parts = p.split(":")
+                ok = len(parts) == 2 and all(x.isdigit() for x in parts)
+                ok = ok and 0 < int(parts[0]) < int(parts[1])
+                _require(ok, "ast.nm_patterns", self.nm_patterns, "patterns look like '2:4'")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1  # peak learning rate (after scaling by batch, see lr_reference_batch)
+    lr_reference_batch: int | None = None  # ImageNet: 256 -> lr * global_batch / 256
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4  # never on BatchNorm or biases
+    warmup_epochs: float = 0.0  # linear warmup, then cosine to 0
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        _require(0 <= self.momentum < 1, "optim.momentum", self.momentum, "must lie in [0, 1)")
+        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        _require(
+            0 <= self.label_smoothing < 1,
+            "optim.label_smoothing",
+            self.label_smoothing,
+            "must lie in [0, 1)",
+        )
+        _require(self.warmup_epochs >= 0, "optim.warmup_epochs", self.warmup_epochs, ">= 0")
+
+
+@dataclass
+class EngineConfig:
+    name: str = "ddp"  # ddp | deepspeed
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1 or 2
+    compact_allreduce: bool = True  # all-reduce only the active sub-net's gradient entries
+    compact_max_density: float = 0.6  # above this active density a plain all-reduce is cheaper
+    bucket_cap_mb: float = 25.0
+
+    def __post_init__(self) -> None:
+        _require(self.name in ENGINES, "engine.name", self.name, f"choose one of {ENGINES}")
+        _require(self.zero_stage in (0, 1, 2), "engine.zero_stage", self.zero_stage, "0, 1 or 2")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0 = off
+    every_minutes: float = 0.0  # 0 = off
+    keep: int = 3  # keep the newest K complete checkpoints
+    resume: str = "auto"  # auto (newest in run_dir) | never | a checkpoint path
+    async_save: bool = False
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs when set
+    batch_size: int = 64  # global batch (split over ranks)
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
+    channels_last: bool = False
+    log_every: int = 10
+    eval_every: int = 0  # steps; 0 = only at the end
+    device: str = "auto"  # auto | cpu | cuda
+    progress: bool = True  # rich progress bar on rank 0
+
+    def __post_init__(self) -> None:
+        _require(self.epochs > 0, "train.epochs", self.epochs, "must be > 0")
+        _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
+        _require(
+            self.precision in PRECISIONS,
+            "train.precision",
+            self.precision,
+            f"choose one of {PRECISIONS}",
+        )
+        _require(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
+        _require(
+            self.device in ("auto", "cpu", "cuda"), "train.device", self.device, "auto|cpu|cuda"
+        )
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    ast: ASTConfig = field(default_factory=ASTConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def to_run_config(cfg: DictConfig | dict) -> RunConfig:
+    """Build the validated dataclasses from a Hydra/OmegaConf config (or a plain dict)."""
+    if isinstance(cfg, dict):
+        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+    else:
+        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, RunConfig)
+    return obj
+
+
+def config_as_dict(config: RunConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)  # type: ignore[return-value]

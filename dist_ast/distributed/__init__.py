@@ -1,0 +1,1 @@
+"""Process groups, gradient communication and mask synchronisation."""

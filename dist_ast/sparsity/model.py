@@ -1,0 +1,169 @@
+"""One container for N sub-nets of one model, and the function that converts a model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from dist_ast.sparsity.layers import (
+    SubnetConv2d,
+    SubnetLinear,
+    SubnetSparseMixin,
+    SwitchableBatchNorm2d,
+)
+
+
+class SubnetModel(nn.Module):
+    """A network whose sparse layers hold N masks and whose BatchNorms hold N sets.
+
+    ``set_subnet(k)`` switches every layer to sub-net k without copying any weight.
+    """
+
+    def __init__(self, net: nn.Module, num_subnets: int) -> None:
+        super().__init__()
+        self.net = net
+        self.num_subnets = num_subnets
+        self.subnet = 0
+        self._sparse = [(n, m) for n, m in net.named_modules() if isinstance(m, SubnetSparseMixin)]
+        self._switchable = [m for m in net.modules() if isinstance(m, SwitchableBatchNorm2d)]
+        if not self._sparse:
+            raise ValueError("the model has no sparse layer: nothing to train sparsely")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def set_subnet(self, k: int) -> None:
+        if not 0 <= k < self.num_subnets:
+            raise IndexError(f"sub-net {k} does not exist (N={self.num_subnets})")
+        self.subnet = k
+        for _, m in self._sparse:
+            m.subnet = k
+        for m in self._switchable:
+            m.subnet = k
+
+    # -- sparse layers -------------------------------------------------------------
+    @property
+    def sparse_names(self) -> list[str]:
+        return [n for n, _ in self._sparse]
+
+    def sparse_weights(self) -> list[nn.Parameter]:
+        return [m.weight for _, m in self._sparse]
+
+    def masks(self, k: int) -> list[torch.Tensor]:
+        """Views of sub-net k's masks, one per sparse layer."""
+        return [m.masks[k] for _, m in self._sparse]
+
+    @torch.no_grad()
+    def set_masks(self, k: int, masks: list[torch.Tensor]) -> None:
+        for (name, m), new in zip(self._sparse, masks, strict=True):
+            if new.shape != m.weight.shape:
+                raise ValueError(
+                    f"{name}: mask shape {tuple(new.shape)} != {tuple(m.weight.shape)}"
+                )
+            m.masks[k].copy_(new)
+
+    def mask_counts(self, k: int) -> tuple[int, int]:
+        """(nonzero, total) over the weights of all sparse layers, from the masks."""
+        nonzero = sum(int(m.masks[k].sum()) for _, m in self._sparse)
+        total = sum(m.weight.numel() for _, m in self._sparse)
+        return nonzero, total
+
+    def sparsity(self, k: int) -> float:
+        nonzero, total = self.mask_counts(k)
+        return 1.0 - nonzero / total
+
+    def layer_sparsity(self, k: int) -> dict[str, float]:
+        return {n: 1.0 - float(m.masks[k].float().mean()) for n, m in self._sparse}
+
+    # -- what the optimizer may move ---------------------------------------------------
+    def update_masks(self, subnets: Iterable[int]) -> dict[torch.Tensor, torch.Tensor]:
+        """{parameter: bool mask} of the entries that training ``subnets`` may change.
+
+        Sparse weights: the union of those sub-nets' masks. Switchable BatchNorm: their
+        rows. Parameters absent from the result (dense layers, biases) move everywhere.
+        """
+        ks = sorted(set(subnets))
+        out: dict[torch.Tensor, torch.Tensor] = {}
+        for _, m in self._sparse:
+            mask = m.masks[ks[0]]
+            for k in ks[1:]:
+                mask = mask | m.masks[k]
+            out[m.weight] = mask
+        if self._switchable:
+            row = torch.zeros(self.num_subnets, 1, dtype=torch.bool)
+            row[ks] = True
+            row = row.to(self._switchable[0].weight.device)
+            for bn in self._switchable:
+                out[bn.weight] = row
+                out[bn.bias] = row
+        return out
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Weight decay on conv/linear weights only, never on BatchNorm or biases."""
+        decay, no_decay = [], []
+        for p in self.parameters():
+            is_bn = any(p is bn.weight or p is bn.bias for bn in self._switchable)
+            (no_decay if p.ndim <= 1 or is_bn else decay).append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+
+def convert_to_subnets(net: nn.Module, num_subnets: int, dense: Iterable[str] = ()) -> SubnetModel:
+    """Make every Conv2d/Linear (except the modules named in ``dense``) a sparse layer
+    with N masks, and every BatchNorm2d switchable. Weights are moved, not copied."""
+    dense = set(dense)
+    names = {n for n, _ in net.named_modules()}
+    unknown = dense - names
+    if unknown:
+        raise ValueError(f"dense layers {sorted(unknown)} are not modules of the model")
+
+    def swap(parent: nn.Module, prefix: str) -> None:
+        for child_name, child in list(parent.named_children()):
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            new: nn.Module | None = None
+            if isinstance(child, nn.BatchNorm2d):
+                new = SwitchableBatchNorm2d.from_batchnorm(child, num_subnets)
+            elif name not in dense and type(child) is nn.Conv2d:
+                new = SubnetConv2d(
+                    child.in_channels,
+                    child.out_channels,
+                    child.kernel_size,
+                    child.stride,
+                    child.padding,
+                    child.dilation,
+                    child.groups,
+                    child.bias is not None,
+                    child.padding_mode,
+                    num_subnets=num_subnets,
+                    device="meta",
+                )
+            elif name not in dense and type(child) is nn.Linear:
+                new = SubnetLinear(
+                    child.in_features,
+                    child.out_features,
+                    child.bias is not None,
+                    num_subnets=num_subnets,
+                    device="meta",
+                )
+            if isinstance(new, SubnetSparseMixin):
+                new.weight = child.weight
+                new.bias = child.bias
+                new.register_buffer(
+                    "masks",
+                    torch.ones(
+                        (num_subnets, *child.weight.shape),
+                        dtype=torch.bool,
+                        device=child.weight.device,
+                    ),
+                )
+            if new is not None:
+                setattr(parent, child_name, new)
+            else:
+                swap(child, name)
+
+    swap(net, "")
+    return SubnetModel(net, num_subnets)

@@ -1,0 +1,102 @@
+"""SGD that moves only the active sub-net's weights (DESIGN §1.3).
+
+Each parameter may come with a boolean update mask (the active sub-net's weight mask,
+or the active row of a switchable BatchNorm). Outside it nothing changes: not the
+weight, not its momentum, no weight decay. The authors' released code shares plain SGD
+momentum and weight decay, which drifts the inactive weights; we do not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+
+@torch.no_grad()
+def masked_sgd_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    momentum_buffer: torch.Tensor | None,
+    update_mask: torch.Tensor | None,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool,
+) -> torch.Tensor | None:
+    """One SGD step on ``param`` in place, only where ``update_mask`` is True.
+
+    Returns the (new) momentum buffer, or None when momentum is 0.
+    """
+    d = grad.float() if grad.dtype != param.dtype else grad.clone()
+    if weight_decay:
+        d.add_(param, alpha=weight_decay)
+    if momentum:
+        if momentum_buffer is None:
+            momentum_buffer = torch.zeros_like(param)
+        new_buf = momentum_buffer * momentum + d
+        if update_mask is None:
+            momentum_buffer.copy_(new_buf)
+        else:
+            momentum_buffer.copy_(torch.where(update_mask, new_buf, momentum_buffer))
+        d = d.add(momentum_buffer, alpha=momentum) if nesterov else momentum_buffer
+    if update_mask is None:
+        param.add_(d, alpha=-lr)
+    else:
+        param.sub_(
+            torch.where(update_mask, d * lr, torch.zeros((), dtype=d.dtype, device=d.device))
+        )
+    return momentum_buffer
+
+
+class MaskedSGD(torch.optim.Optimizer):
+    """SGD with momentum/nesterov/weight decay, applied only inside per-parameter masks.
+
+    ``step(update_masks)`` takes {parameter: bool mask broadcastable to it}; parameters
+    missing from the mapping are updated everywhere (dense layers). Weight decay comes
+    from each param group (0 for BatchNorm and biases).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+    ) -> None:
+        if nesterov and momentum <= 0:
+            raise ValueError("nesterov needs momentum > 0")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(  # type: ignore[override]
+        self, update_masks: Mapping[torch.Tensor, torch.Tensor] | None = None, closure=None
+    ) -> None:
+        update_masks = update_masks or {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                buf = masked_sgd_(
+                    p,
+                    p.grad,
+                    state.get("momentum_buffer"),
+                    update_masks.get(p),
+                    lr=group["lr"],
+                    momentum=group["momentum"],
+                    weight_decay=group["weight_decay"],
+                    nesterov=group["nesterov"],
+                )
+                if buf is not None:
+                    state["momentum_buffer"] = buf
+
+    @torch.no_grad()
+    def reset_state(self, param: torch.Tensor, where: torch.Tensor) -> None:
+        """Zero the momentum of ``param`` at ``where`` (newly grown connections)."""
+        buf = self.state.get(param, {}).get("momentum_buffer")
+        if buf is not None:
+            buf.masked_fill_(where, 0.0)

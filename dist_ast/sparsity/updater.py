@@ -1,0 +1,83 @@
+"""Mask decisions for a SubnetModel: initial masks and one sub-net's update.
+
+``decide`` is the pure part (rank 0 runs it); ``apply`` installs the masks on every
+rank and starts newly grown connections at zero with zero momentum.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dist_ast.sparsity.masks import density_count, random_mask, split_flat
+from dist_ast.sparsity.model import SubnetModel
+from dist_ast.sparsity.optim import MaskedSGD
+from dist_ast.sparsity.prune_regrow import global_magnitude_prune, prune_and_regrow
+from dist_ast.sparsity.schedule import SparsitySchedule
+
+
+def initial_masks(model: SubnetModel, initial_sparsity: float, seed: int) -> list[torch.Tensor]:
+    """One random mask with exactly round((1 - s_i)·total) live weights over all sparse
+    layers, shared by every sub-net: AST starts from one random sparse model."""
+    weights = model.sparse_weights()
+    total = sum(w.numel() for w in weights)
+    count = density_count(1.0 - initial_sparsity, total)
+    flat = random_mask((total,), count, torch.Generator().manual_seed(seed))
+    return [m.to(w.device) for m, w in zip(split_flat(flat, weights), weights, strict=True)]
+
+
+class MaskUpdater:
+    """Carries out sub-net k's prune-and-regrow at the steps the schedule names."""
+
+    def __init__(
+        self, model: SubnetModel, schedule: SparsitySchedule, completely_subset: bool = False
+    ) -> None:
+        self.model = model
+        self.schedule = schedule
+        self.completely_subset = completely_subset
+        self.total = sum(w.numel() for w in model.sparse_weights())
+
+    def init_masks(self, seed: int) -> None:
+        masks = initial_masks(self.model, self.schedule.initial_sparsity, seed)
+        for k in range(self.model.num_subnets):
+            self.model.set_masks(k, masks)
+
+    @torch.no_grad()
+    def decide(self, k: int, step: int, dense_grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Sub-net k's new masks at ``step`` from the all-reduced dense gradient."""
+        weights = self.model.sparse_weights()
+        target = self.schedule.target_count(k, step, self.total)
+        fraction = self.schedule.regrow_fraction(step)
+        n = self.model.num_subnets
+        protect = self.model.masks(k + 1) if self.completely_subset and k + 1 < n else None
+        if self.completely_subset and k > 0:
+            # CS: sparser sub-nets only prune, inside the next denser one (S-Net style).
+            return global_magnitude_prune(weights, self.model.masks(k - 1), target, protect)
+        return prune_and_regrow(
+            weights,
+            self.model.masks(k),
+            dense_grads,
+            target_count=target,
+            regrow_fraction=fraction,
+            protect=protect,
+        )
+
+    @torch.no_grad()
+    def apply(self, k: int, new_masks: list[torch.Tensor], optimizer: MaskedSGD | None) -> int:
+        """Install sub-net k's masks; a grown weight that no other sub-net uses starts at
+        zero with zero momentum, one live elsewhere keeps its shared value. Returns the
+        number of weights so reset."""
+        others = [j for j in range(self.model.num_subnets) if j != k]
+        reset = 0
+        for i, (w, old, new) in enumerate(
+            zip(self.model.sparse_weights(), self.model.masks(k), new_masks, strict=True)
+        ):
+            fresh = new & ~old
+            for j in others:
+                fresh &= ~self.model.masks(j)[i]
+            if fresh.any():
+                w.masked_fill_(fresh, 0.0)
+                if optimizer is not None:
+                    optimizer.reset_state(w, fresh)
+                reset += int(fresh.sum())
+        self.model.set_masks(k, new_masks)
+        return reset

@@ -1,0 +1,365 @@
+"""Train N sparse sub-nets of one model in one run (AST), or the joint / individual
+baselines.
+
+    python -m dist_ast.train experiment=demo run_dir=runs/demo
+    torchrun --nproc_per_node=2 -m dist_ast.train experiment=demo run_dir=runs/demo2
+
+The step reads top to bottom: choose the sub-net, forward/backward, mask the gradient,
+correct it (GC), masked SGD step, and on scheduled steps prune-and-regrow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dist_ast.config import ConfigError, RunConfig, config_as_dict
+from dist_ast.data import Loaders, build_loaders
+from dist_ast.distributed.setup import DistInfo, destroy_distributed, init_distributed
+from dist_ast.evaluate import evaluate_subnets
+from dist_ast.flops import TrainingFlops
+from dist_ast.metrics import MetricsWriter, print_summary_table
+from dist_ast.models import build_subnet_model
+from dist_ast.sparsity import GradientCorrection, MaskedSGD, SparsitySchedule, SubnetModel
+from dist_ast.sparsity.updater import MaskUpdater
+
+log = logging.getLogger("dist_ast.train")
+
+
+def lr_at(step: int, *, peak: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup to ``peak``, then cosine to zero."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def build_schedule(config: RunConfig, steps_per_epoch: int) -> SparsitySchedule:
+    """Resolve the epoch-valued keys to global steps and check the plan can hit s_k."""
+    a, t = config.ast, config.train
+    total = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    ramp_start = round(a.ramp_start_epoch * steps_per_epoch)
+    ramp_end = round(a.ramp_end_epoch * steps_per_epoch)
+    update_end = (
+        total if a.update_end_epoch is None else round(a.update_end_epoch * steps_per_epoch)
+    )
+    schedule = SparsitySchedule(
+        sparsities=tuple(a.sparsities),
+        initial_sparsity=a.initial_sparsity,
+        total_steps=total,
+        ramp_start=ramp_start,
+        ramp_end=ramp_end,
+        update_every=a.update_every,
+        stagger=a.stagger,
+        update_end=min(update_end, total),
+        regrow_initial=a.regrow_fraction,
+        regrow_min=a.regrow_fraction_min,
+        alternating=a.mode != "joint",
+    )
+    for k in range(schedule.num_subnets):
+        last = schedule.last_update_step(k)
+        if last is None or last < ramp_end:
+            raise ConfigError(
+                f"invalid ast.ramp_end_epoch={a.ramp_end_epoch}: sub-net {k} has no mask update "
+                f"at or after the ramp end (step {ramp_end}; last update {last}; {total} steps "
+                "in all), so it would never reach its target sparsity. Lower ast.ramp_end_epoch "
+                "or ast.update_every, or train longer"
+            )
+    return schedule
+
+
+@dataclass
+class Trainer:
+    """Owns everything a step touches; ``state_dict`` is what a checkpoint saves."""
+
+    config: RunConfig
+    dist: DistInfo
+    model: SubnetModel
+    ddp_model: torch.nn.Module
+    loaders: Loaders
+    optimizer: MaskedSGD
+    schedule: SparsitySchedule
+    updater: MaskUpdater
+    gc: GradientCorrection
+    flops: TrainingFlops
+    metrics: MetricsWriter
+    step: int = 0
+    scaler: torch.amp.GradScaler | None = None
+    mask_updates: list[dict] = field(default_factory=list)
+
+    @property
+    def mode(self) -> str:
+        return self.config.ast.mode
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        p = self.config.train.precision
+        if p == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if p == "bf16" else torch.float16
+        return torch.autocast(self.dist.device.type, dtype=dtype)
+
+    def forward_backward(self, k: int, x: torch.Tensor, y: torch.Tensor) -> float:
+        self.model.set_subnet(k)
+        with self.autocast():
+            logits = self.ddp_model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.config.optim.label_smoothing)
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        return float(loss.detach())
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        step, schedule, model = self.step, self.schedule, self.model
+        lr = lr_at(
+            step,
+            peak=self.peak_lr,
+            warmup_steps=self.warmup_steps,
+            total_steps=schedule.total_steps,
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        updating = schedule.updates_at(step)
+        weights = model.sparse_weights()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        # 1. Forward/backward: one sub-net (alternating) or all of them (joint).
+        if self.mode == "joint":
+            subnets = list(range(model.num_subnets))
+            masked = [torch.zeros_like(w) for w in weights]
+            dense_grads: dict[int, list[torch.Tensor]] = {}
+            loss = 0.0
+            for k in subnets:
+                for w in weights:
+                    w.grad = None
+                loss += self.forward_backward(k, x, y)
+                if k in updating:
+                    dense_grads[k] = [w.grad.detach().clone() for w in weights]
+                for acc, w, m in zip(masked, weights, model.masks(k), strict=True):
+                    acc.add_(w.grad * m)
+            for w, g in zip(weights, masked, strict=True):
+                w.grad = g
+        else:
+            k = schedule.active_subnet(step)
+            subnets = [k]
+            loss = self.forward_backward(k, x, y)
+            dense_grads = {k: [w.grad.detach().clone() for w in weights]} if updating else {}
+            # 2. The update is the dense gradient masked to the active sub-net.
+            for w, m in zip(weights, model.masks(k), strict=True):
+                w.grad.mul_(m)
+
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+            for k in dense_grads:
+                inv = 1.0 / self.scaler.get_scale()
+                dense_grads[k] = [g * inv for g in dense_grads[k]]
+
+        # 3. Gradient correction on the sparse weights' gradient (fp32, unscaled).
+        conflicted = False
+        if self.mode != "joint" and model.num_subnets > 1:
+            grads, conflicted = self.gc(
+                [w.grad for w in weights], model.masks(subnets[0]), schedule.is_group_start(step)
+            )
+            for w, g in zip(weights, grads, strict=True):
+                w.grad = g
+
+        # 4. Masked SGD: only the trained sub-nets' weights and BN rows move.
+        update_masks = model.update_masks(subnets)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer, update_masks)
+            self.scaler.update()
+        else:
+            self.optimizer.step(update_masks)
+
+        # 5. Prune-and-regrow of the sub-net(s) scheduled at this step.
+        for k in updating:
+            new_masks = self.updater.decide(k, step, dense_grads[k])
+            reset = self.updater.apply(k, new_masks, self.optimizer)
+            self.mask_updates.append({"step": step, "subnet": k, "reset": reset})
+            log.debug("step %d: sub-net %d mask update (%d weights grown fresh)", step, k, reset)
+        if updating:
+            self.flops.refresh(model)
+
+        self.flops.add_step(subnets)
+        return {
+            "loss": loss / len(subnets),
+            "lr": lr,
+            "subnet": subnets[0] if len(subnets) == 1 else None,
+            "mask_update": updating or None,
+            "gc_conflict": conflicted,
+        }
+
+    @property
+    def peak_lr(self) -> float:
+        o = self.config.optim
+        scale = self.config.train.batch_size / o.lr_reference_batch if o.lr_reference_batch else 1.0
+        return o.lr * scale
+
+    @property
+    def warmup_steps(self) -> int:
+        return round(self.config.optim.warmup_epochs * len(self.loaders.train))
+
+    def evaluate(self) -> list[dict]:
+        return evaluate_subnets(self.model, self.loaders.val, self.dist, autocast=self.autocast)
+
+    def fit(self) -> dict:
+        cfg = self.config.train
+        total = self.schedule.total_steps
+        batches = iter(self.loaders.train)
+        from dist_ast.progress import training_progress
+
+        with training_progress(total, enabled=cfg.progress and self.dist.is_main) as progress:
+            progress.advance_to(self.step)
+            while self.step < total:
+                self.model.train()
+                x, y = next(batches)
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                out = self.train_step(x, y)
+                self.step += 1
+                progress.update(self.step, out)
+                if self.step % cfg.log_every == 0 or out["mask_update"] or self.step == total:
+                    self.log_metrics(out)
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < total:
+                    self.log_eval(self.evaluate())
+        results = self.evaluate()
+        self.log_eval(results)
+        return self.summary(results)
+
+    def log_metrics(self, out: dict) -> None:
+        record = {
+            "step": self.step,
+            "subnet": out["subnet"],
+            "loss": out["loss"],
+            "lr": out["lr"],
+            "sparsity": [self.model.sparsity(k) for k in range(self.model.num_subnets)],
+            "gc_checked": self.gc.steps_checked,
+            "gc_conflicts": self.gc.conflicts,
+            "train_flops": self.flops.total,
+        }
+        if out["mask_update"]:
+            record["mask_update"] = out["mask_update"]
+        self.metrics.write(record)
+
+    def log_eval(self, results: list[dict]) -> None:
+        self.metrics.write({"step": self.step, "eval": results})
+
+    def summary(self, results: list[dict]) -> dict:
+        subnets = []
+        for r in results:
+            k = r["index"]
+            nonzero, total = self.model.mask_counts(k)
+            subnets.append(
+                {
+                    "index": k,
+                    "target_sparsity": self.config.ast.sparsities[k],
+                    "sparsity": 1.0 - nonzero / total,
+                    "nonzero": nonzero,
+                    "total": total,
+                    "top1": r["top1"],
+                    "top5": r["top5"],
+                }
+            )
+        return {
+            "steps": self.step,
+            "world_size": self.dist.world_size,
+            "mode": self.mode,
+            "gradient_correction": self.config.ast.gradient_correction,
+            "mask_relation": self.config.ast.mask_relation,
+            "gc_checked": self.gc.steps_checked,
+            "gc_conflicts": self.gc.conflicts,
+            "train_flops": self.flops.total,
+            "train_flops_individual": self.flops.individual,
+            "subnets": subnets,
+        }
+
+
+def build_trainer(config: RunConfig, dist_info: DistInfo) -> Trainer:
+    t = config.train
+    torch.manual_seed(t.seed)
+    if t.batch_size % dist_info.world_size:
+        raise ConfigError(
+            f"invalid train.batch_size={t.batch_size}: the global batch must divide evenly over "
+            f"{dist_info.world_size} ranks"
+        )
+    loaders = build_loaders(
+        config.data,
+        batch_size=t.batch_size // dist_info.world_size,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        seed=t.seed,
+        device=dist_info.device,
+    )
+    if loaders.num_classes != config.model.num_classes:
+        raise ConfigError(
+            f"invalid model.num_classes={config.model.num_classes}: data={config.data.name} has "
+            f"{loaders.num_classes} classes"
+        )
+    model = build_subnet_model(config.model, config.ast.num_subnets).to(dist_info.device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    schedule = build_schedule(config, len(loaders.train))
+    updater = MaskUpdater(model, schedule, config.ast.mask_relation == "completely_subset")
+    updater.init_masks(seed=t.seed)
+    o = config.optim
+    optimizer = MaskedSGD(
+        model.param_groups(o.weight_decay), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov
+    )
+    from dist_ast.distributed.ddp import wrap_model
+
+    ddp_model = wrap_model(model, dist_info, config.engine)
+    run_dir = Path(config.run_dir)
+    sample = next(iter(loaders.val))[0][:1]
+    return Trainer(
+        config=config,
+        dist=dist_info,
+        model=model,
+        ddp_model=ddp_model,
+        loaders=loaders,
+        optimizer=optimizer,
+        schedule=schedule,
+        updater=updater,
+        gc=GradientCorrection(enabled=config.ast.gradient_correction),
+        flops=TrainingFlops.measure(model, sample, batch_size=t.batch_size),
+        metrics=MetricsWriter(run_dir / "metrics.jsonl", enabled=dist_info.is_main),
+        scaler=torch.amp.GradScaler(dist_info.device.type) if t.precision == "fp16" else None,
+    )
+
+
+def run(config: RunConfig) -> dict:
+    """Train, evaluate every sub-net, write ``summary.json``; returns the summary."""
+    dist_info = init_distributed(config.train.device)
+    try:
+        run_dir = Path(config.run_dir)
+        if dist_info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(json.dumps(config_as_dict(config), indent=2))
+        trainer = build_trainer(config, dist_info)
+        start = time.perf_counter()
+        summary = trainer.fit()
+        summary["wall_seconds"] = round(time.perf_counter() - start, 3)
+        if dist_info.is_main:
+            tmp = run_dir / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2))
+            tmp.replace(run_dir / "summary.json")
+            print_summary_table(summary)
+        return summary
+    finally:
+        destroy_distributed()
+
+
+def main() -> None:
+    """Hydra entry point: ``python -m dist_ast.train experiment=<name> key=value …``."""
+    from dist_ast.cli import hydra_main
+
+    hydra_main(run, config_name="config")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
