@@ -26,3 +26,8 @@ lint: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache
+
+# A one-node Slurm cluster on localhost (Debian, as root): docs/slurm-local.md
+.PHONY: slurm-local
+slurm-local:
+	bash scripts/slurm-local.sh
