@@ -8,7 +8,6 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip -q -c constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[deepspeed,dali,dev]'
 	touch $(STAMP)
 
