@@ -45,4 +45,18 @@ def build_loaders(
         val = TensorLoader(*splits["val"], shuffle=False, drop_last=False, **common)
         n = train.num_batches * batch_size * world_size
         return Loaders(train=train, val=val, num_classes=NUM_CLASSES, train_size=n)
+    if cfg.name == "synthetic":
+        from dist_ast.data.synthetic import build_synthetic
+
+        return build_synthetic(
+            cfg, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, device=device
+        )
+    if cfg.name in ("digits_shards", "cifar10", "imagenet"):
+        from dist_ast.data.shards import shard_loaders
+
+        train, val, num_classes = shard_loaders(
+            cfg, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, device=device
+        )
+        n = len(train) * batch_size * world_size
+        return Loaders(train=train, val=val, num_classes=num_classes, train_size=n)
     raise ValueError(f"data.name={cfg.name!r} has no loader yet")

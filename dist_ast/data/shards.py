@@ -724,3 +724,87 @@ class ShardSet:
             end = min(len(self.rows[s]), p + (g1 - g))
             yield s, p, end
             g += end - p
+
+
+# --------------------------------------------------------------------------- loaders
+
+DIGITS_SHARDS_ROOT = "runs/shards/digits"
+
+
+def ensure_digits_shards(root: str | Path, image_size: int = 32) -> None:
+    """Write the demo shards into ``root`` if they are not there (about two seconds);
+    concurrent ranks take a file lock, so one writes and the others wait."""
+    import fcntl
+
+    root = Path(root)
+    if (root / MANIFEST).exists():
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (root / MANIFEST).exists():
+                log.info("writing the digits demo shards to %s", root)
+                write_shards("digits", root, shard_size=500, image_size=image_size, progress=False)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def shard_loaders(
+    cfg: Any,
+    *,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    device: Any,
+) -> tuple[Any, Any, int]:
+    """(train, val, num_classes) for a DataConfig naming a shard dataset."""
+    import torch
+
+    root = cfg.root
+    if cfg.name == "digits_shards":
+        root = root or DIGITS_SHARDS_ROOT
+        ensure_digits_shards(root)
+    if not root:
+        raise ValueError(f"data.root is empty: point it at a shard directory for data={cfg.name}")
+    if not (Path(root) / MANIFEST).exists():
+        hint = ""
+        if (Path(root) / "train").is_dir():
+            hint = (
+                f" It looks like an ImageFolder tree: convert it with `python -m "
+                f"dist_ast.data.shards --src {root} --out <shard dir>` and set data.root to "
+                "the shard dir."
+            )
+        raise ShardError(f"data.root={root!r} has no {MANIFEST}.{hint}")
+    device = torch.device(device)
+    common = dict(
+        dataset=cfg.name,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        image_size=cfg.image_size,
+        num_workers=cfg.num_workers,
+    )
+    if cfg.loader == "wds":
+        from dist_ast.data.wds import WdsEvalLoader, WdsTrainLoader
+
+        train = WdsTrainLoader(root, seed=seed, rrc_min=cfg.random_resized_crop_min, **common)
+        val = WdsEvalLoader(root, **common)
+    elif cfg.loader == "dali":
+        from dist_ast.data.dali import DaliEvalLoader, DaliTrainLoader, dali_available
+
+        if not dali_available():
+            raise ImportError(
+                "data.loader=dali needs NVIDIA DALI (pip install nvidia-dali-cuda130, or the "
+                "[dali] extra); data.loader=wds reads the same shards without it"
+            )
+        train = DaliTrainLoader(root, seed=seed, rrc_min=cfg.random_resized_crop_min, **common)
+        val = DaliEvalLoader(root, **common)
+    else:
+        raise ValueError(
+            f"data.loader={cfg.loader!r} does not apply to data={cfg.name} (shards): "
+            "choose wds or dali"
+        )
+    return train, val, train.shards.num_classes

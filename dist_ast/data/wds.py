@@ -1,0 +1,380 @@
+"""The webdataset loader (``data.loader=wds``): shards read with webdataset's tar
+iterator, decoded and augmented with PIL + torchvision in DataLoader workers.
+
+Epoch definition (shared with the DALI loader, see docs/data.md): the split's N samples
+are numbered in manifest order (shards in order, samples in tar order; the shard writer
+shuffled them). Rank r of W owns the contiguous slice [N*r//W, N*(r+1)//W), DALI's
+sharding rule, so ranks never share a sample. Every rank runs B = N // (W*b) batches per
+epoch. A rank reads its slice as an endless cyclic stream; epoch e is stream positions
+[e*B*b, (e+1)*B*b), so nothing is dropped for good: the remainder of the slice opens the
+next epoch.
+
+Within a rank, epoch e's B batches are split into contiguous ranges, one per DataLoader
+worker (the first B % n workers get one more). A worker reads its range sequentially,
+in blocks of ``shuffle_batches`` batches; each block is permuted with a seed from (seed,
+epoch, rank, block) and cut into batches; augmentation draws from a generator seeded by
+(seed, epoch, rank, batch). The DataLoader hands out worker batches round-robin, so
+output t of an epoch is worker t % n's (t // n)-th batch. The position is (epoch, batches
+consumed): on resume each worker skips what it had delivered and the worker order is
+rotated, so the resumed loader yields bit-identical batches (given the same worker
+count; a different one resumes at the same count in the new order, with a warning).
+
+Bad data: a JPEG that fails to decode is replaced by another sample of its batch and
+counted (``stats()["bad_samples"]``); a missing label, missing or truncated shard, or
+stale index is a ShardError naming the shard and key.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dist_ast.data.shards import ShardError, ShardSet, batches_per_epoch, rank_slice
+
+log = logging.getLogger(__name__)
+
+# Per-dataset normalization (RGB, [0, 1] scale).
+NORM = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "digits_shards": ((0.3, 0.3, 0.3), (0.35, 0.35, 0.35)),  # as dist_ast.data.digits
+}
+# Small-image recipe (random crop with padding, optional flip) for these; ImageNet's
+# random-resized crop for the rest.
+SMALL = {"cifar10": {"pad": 4, "flip": True}, "digits_shards": {"pad": 2, "flip": False}}
+STORED_SMALL_SIZE = 32  # digits and CIFAR shards hold 32x32 images
+
+
+def _mix(*xs: int) -> int:
+    """A 63-bit seed from integers (SeedSequence is stable across numpy versions)."""
+    ss = np.random.SeedSequence([int(x) & 0xFFFFFFFF for x in xs])
+    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def build_transform(dataset: str, train: bool, image_size: int, rrc_min: float):
+    """torchvision transform PIL RGB -> uint8 CHW tensor (normalization happens on the
+    device, after the batch arrives)."""
+    from torchvision import transforms as T
+
+    to_tensor = T.PILToTensor()
+    if dataset in SMALL:
+        small = SMALL[dataset]
+        ops: list[Any] = []
+        if image_size != STORED_SMALL_SIZE:
+            ops.append(T.Resize((image_size, image_size)))
+        if train:
+            ops.append(T.RandomCrop(image_size, padding=small["pad"]))
+            if small["flip"]:
+                ops.append(T.RandomHorizontalFlip())
+        return T.Compose([*ops, to_tensor])
+    if train:
+        return T.Compose(
+            [
+                T.RandomResizedCrop(image_size, scale=(rrc_min, 1.0), ratio=(3 / 4, 4 / 3)),
+                T.RandomHorizontalFlip(),
+                to_tensor,
+            ]
+        )
+    return T.Compose([T.Resize(round(image_size / 0.875)), T.CenterCrop(image_size), to_tensor])
+
+
+class Normalizer:
+    """uint8 NCHW batch -> float32 normalized on the device."""
+
+    def __init__(self, dataset: str, device: torch.device) -> None:
+        mean, std = NORM.get(dataset, NORM["imagenet"])
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.inv_std = 1 / (torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) * self.inv_std
+
+
+def split_counts(total: int, n: int) -> list[int]:
+    """``total`` items over n workers, contiguous, the first total % n get one more (this
+    matches the DataLoader's round-robin, so output t = worker t % n, item t // n)."""
+    q, r = divmod(total, n)
+    return [q + (w < r) for w in range(n)]
+
+
+def _read_samples(shards: ShardSet, g0: int, g1: int) -> list[tuple[str, bytes, int, str]]:
+    """Samples [g0, g1) of the split in order, as (key, jpg bytes, label, shard path),
+    read sequentially from the tars with webdataset, starting at an index offset."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    out: list[tuple[str, bytes, int, str]] = []
+    for s, p0, p1 in shards.runs(g0, g1):
+        tar, rows = shards.tars[s], shards.rows[s]
+        first = min(off for off, _n, _name in rows[p0].values()) - 512
+        with open(tar, "rb") as f:
+            f.seek(first)
+            want = [rows[p][next(iter(rows[p]))][2].split(".")[0] for p in range(p0, p1)]
+            files = ({**m, "__url__": tar} for m in tar_file_iterator(f))
+            it = group_by_keys(files)
+            for key in want:
+                try:
+                    sample = next(it)
+                except StopIteration:
+                    raise ShardError(
+                        f"shard {tar} ends before key {key}: truncated shard"
+                    ) from None
+                except Exception as e:  # tarfile.ReadError and friends
+                    raise ShardError(f"shard {tar} near key {key}: unreadable tar ({e})") from e
+                got = sample["__key__"]
+                if got != key:
+                    raise ShardError(
+                        f"shard {tar}: expected key {key} (from its index), found {got}: "
+                        "stale index; rebuild it: python -m dist_ast.data.shards --reindex "
+                        f"{shards.root}"
+                    )
+                if "cls" not in sample:
+                    raise ShardError(f"shard {tar} key {key}: no label (.cls)")
+                if "jpg" not in sample:
+                    raise ShardError(f"shard {tar} key {key}: no image (.jpg)")
+                try:
+                    label = int(sample["cls"])
+                except ValueError:
+                    raise ShardError(
+                        f"shard {tar} key {key}: label {sample['cls'][:20]!r} is not an integer"
+                    ) from None
+                if not 0 <= label < shards.num_classes:
+                    raise ShardError(
+                        f"shard {tar} key {key}: label {label} outside [0, {shards.num_classes})"
+                    )
+                out.append((key, sample["jpg"], label, tar))
+    return out
+
+
+def _decode(jpg: bytes):
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(jpg))
+    im.load()
+    return im.convert("RGB") if im.mode != "RGB" else im
+
+
+def _make_batch(
+    samples: list[tuple[str, bytes, int, str]], transform, gen_seed: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Decode + augment a batch; a sample that fails to decode is replaced by the next
+    good one of the batch (and counted). All random draws come from gen_seed."""
+    images: list[Any] = []
+    bad: list[int] = []
+    for i, (key, jpg, _label, tar) in enumerate(samples):
+        try:
+            images.append(_decode(jpg))
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
+            log.warning(
+                "shard %s key %s: undecodable JPEG (%s); replaced in its batch", tar, key, e
+            )
+            images.append(None)
+            bad.append(i)
+    good = [i for i, im in enumerate(images) if im is not None]
+    if not good:
+        key, _, _, tar = samples[0]
+        raise ShardError(f"no decodable JPEG in a whole batch (shard {tar}, from key {key})")
+    labels = [s[2] for s in samples]
+    for j, i in enumerate(bad):
+        src = good[j % len(good)]
+        images[i], labels[i] = images[src], labels[src]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(gen_seed)
+        x = torch.stack([transform(im) for im in images])
+    return x, torch.tensor(labels, dtype=torch.int64), len(bad)
+
+
+class _EpochStream(IterableDataset):
+    """One epoch (or the rest of one) of a rank's training batches, split over workers."""
+
+    def __init__(self, loader: WdsTrainLoader, epoch: int, start: int) -> None:
+        self.l, self.epoch, self.start = loader, epoch, start
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        L = self.l
+        info = get_worker_info()
+        slot = info.id if info is not None else 0
+        n = L.workers
+        w = (slot + self.start) % n  # rotation: output `start` comes from worker start % n
+        counts = split_counts(L.num_batches, n)
+        first = sum(counts[:w])  # worker w's first epoch batch
+        done = -(-(self.start - w) // n) if self.start > w else 0  # delivered before resume
+        transform = L.transform
+        m = L.shuffle_batches
+        for j in range(done // m * m, counts[w], m):
+            t0 = first + j  # first epoch batch of this block
+            nb = min(m, counts[w] - j)
+            q0 = t0 * L.batch_size  # stream position within the epoch window
+            samples = L.read_stream(self.epoch, q0, q0 + nb * L.batch_size)
+            perm = np.random.default_rng(_mix(L.seed, self.epoch, L.rank, t0)).permutation(
+                len(samples)
+            )
+            for i in range(max(0, done - j), nb):
+                sel = perm[i * L.batch_size : (i + 1) * L.batch_size]
+                seed = _mix(L.seed, self.epoch, L.rank, t0 + i, 1)
+                yield _make_batch([samples[k] for k in sel], transform, seed)
+
+
+class WdsTrainLoader:
+    """Endless training batches over epochs; ``len()`` = batches per epoch (all ranks)."""
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        dataset: str,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device,
+        image_size: int,
+        num_workers: int,
+        rrc_min: float = 0.08,
+        shuffle_batches: int | None = None,
+    ) -> None:
+        self.shards = ShardSet(root, "train")
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.device = seed, torch.device(device)
+        self.num_workers = num_workers
+        self.workers = max(1, num_workers)
+        self.num_batches = batches_per_epoch(len(self.shards), world_size, batch_size)
+        self.lo, self.hi = rank_slice(len(self.shards), rank, world_size)
+        # shuffle blocks of about 1024 samples per worker (like a 1024-sample buffer)
+        self.shuffle_batches = shuffle_batches or max(1, math.ceil(1024 / batch_size))
+        self.transform = build_transform(dataset, True, image_size, rrc_min)
+        self.normalize = Normalizer(dataset, self.device)
+        self.epoch = 0
+        self.batches_consumed = 0
+        self.bad_samples = 0
+        self._saved_workers = self.workers
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def read_stream(self, epoch: int, q0: int, q1: int) -> list[tuple[str, bytes, int, str]]:
+        """Samples at stream positions [q0, q1) of an epoch's window (cyclic over the slice)."""
+        n = self.hi - self.lo
+        base = epoch * self.num_batches * self.batch_size
+        out: list[tuple[str, bytes, int, str]] = []
+        q = q0
+        while q < q1:
+            a = (base + q) % n
+            take = min(q1 - q, n - a)
+            out += _read_samples(self.shards, self.lo + a, self.lo + a + take)
+            q += take
+        return out
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._saved_workers != self.workers and self.batches_consumed:
+            log.warning(
+                "resuming a wds loader saved with %d workers on %d: the rest of epoch %d "
+                "follows the new worker order (some samples repeat or skip this epoch)",
+                self._saved_workers,
+                self.workers,
+                self.epoch,
+            )
+        pin = self.device.type == "cuda"
+        while True:
+            if self.batches_consumed < self.num_batches:
+                ds = _EpochStream(self, self.epoch, self.batches_consumed)
+                dl = DataLoader(
+                    ds,
+                    batch_size=None,
+                    num_workers=self.num_workers,
+                    pin_memory=pin,
+                    prefetch_factor=2 if self.num_workers else None,
+                )
+                for x, y, bad in dl:
+                    self.bad_samples += int(bad)
+                    self.batches_consumed += 1
+                    x = x.to(self.device, non_blocking=True)
+                    yield self.normalize(x), y.to(self.device, non_blocking=True)
+            self.epoch += 1
+            self.batches_consumed = 0
+            self._saved_workers = self.workers
+
+    def stats(self) -> dict[str, int]:
+        return {"bad_samples": self.bad_samples}
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "epoch": self.epoch,
+            "batches_consumed": self.batches_consumed,
+            "workers": self.workers,
+            "bad_samples": self.bad_samples,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.batches_consumed = int(state["batches_consumed"])
+        self._saved_workers = int(state.get("workers", self.workers))
+        self.bad_samples = int(state.get("bad_samples", 0))
+
+
+class _EvalStream(IterableDataset):
+    def __init__(self, loader: WdsEvalLoader) -> None:
+        self.l = loader
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        L = self.l
+        info = get_worker_info()
+        w = info.id if info is not None else 0
+        counts = split_counts(L.num_batches, L.workers)
+        t0 = sum(counts[:w])
+        for t in range(t0, t0 + counts[w]):
+            g0 = L.lo + t * L.batch_size
+            samples = _read_samples(L.shards, g0, min(L.hi, g0 + L.batch_size))
+            yield _make_batch(samples, L.transform, 0)
+
+
+class WdsEvalLoader:
+    """One pass over the rank's contiguous share of the validation split, no padding."""
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        dataset: str,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        image_size: int,
+        num_workers: int,
+        split: str = "val",
+    ) -> None:
+        self.shards = ShardSet(root, split)
+        self.batch_size, self.device = batch_size, torch.device(device)
+        self.lo, self.hi = rank_slice(len(self.shards), rank, world_size)
+        self.num_batches = -(-(self.hi - self.lo) // batch_size)
+        self.num_workers = min(num_workers, self.num_batches)
+        self.workers = max(1, self.num_workers)
+        self.transform = build_transform(dataset, False, image_size, 0.08)
+        self.normalize = Normalizer(dataset, self.device)
+        self.bad_samples = 0
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.num_batches == 0:
+            return
+        dl = DataLoader(
+            _EvalStream(self),
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        for x, y, bad in dl:
+            self.bad_samples += int(bad)
+            yield self.normalize(x.to(self.device)), y.to(self.device)
+
+    def stats(self) -> dict[str, int]:
+        return {"bad_samples": self.bad_samples}
