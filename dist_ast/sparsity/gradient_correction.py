@@ -12,13 +12,11 @@ import torch.distributed as dist
 
 
 def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    return sum(
-        (
-            torch.dot(x.reshape(-1).float(), y.reshape(-1).float())
-            for x, y in zip(a, b, strict=True)
-        ),
-        torch.zeros((), dtype=torch.float64, device=a[0].device if a else "cpu"),
-    ).double()
+    """Σ_l a_l·b_l accumulated in float64, so a corrected g is orthogonal to ĝ to ~1e-12."""
+    total = torch.zeros((), dtype=torch.float64, device=a[0].device if a else "cpu")
+    for x, y in zip(a, b, strict=True):
+        total += torch.dot(x.reshape(-1).double(), y.reshape(-1).double())
+    return total
 
 
 def project_conflict(
