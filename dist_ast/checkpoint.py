@@ -1,0 +1,691 @@
+"""Sharded checkpoints with ``torch.distributed.checkpoint`` (DESIGN §4).
+
+One checkpoint is a folder ``run_dir/checkpoints/step-<N>/`` holding DCP's shard files
+(``__<rank>_<i>.distcp``), DCP's ``.metadata`` and our ``meta.json`` (format version,
+step, world size, model name, sub-net count, the resolved config). It is written under
+``.tmp-step-<N>`` and renamed by rank 0 once every rank has written its shards, so a
+folder named ``step-<N>`` is always complete: a crash mid-write leaves a ``.tmp-`` folder
+that resume ignores (and the next save clears).
+
+What is saved (everything a step touches, so a resumed run is bit-identical on CPU):
+model (sparse weights, every BatchNorm set, the masks of all sub-nets as buffers),
+MaskedSGD momentum, the step (the LR and the sparsity schedule are pure functions of
+it), the GC buffer and counters, the FLOPs counters, the mask-update log, the GradScaler,
+the RNG states of every rank (torch, CUDA, Python, NumPy) and the loader position of
+every rank. Everything in the DCP state is a tensor: DCP would ``torch.load`` any other
+object with ``weights_only=False``; and its ``.metadata`` pickle is read with an
+unpickler that accepts DCP's own metadata classes only. So loading a checkpoint never
+runs arbitrary code.
+
+Resuming on another world size: DCP reshards the (replicated) model and optimizer;
+each rank takes its own RNG state when the old run had that rank, and the loader
+position is recomputed from the step (the global batch is the same, so the number of
+batches per epoch is too).
+
+DeepSpeed (``engine=deepspeed``): the engine saves its own format (``engine_save``
+below) beside our AST state, which is written generically from the SubnetModel.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import pickle
+import random
+import shutil
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+
+from dist_ast.config import RunConfig, config_as_dict
+
+if TYPE_CHECKING:
+    from dist_ast.train import Trainer
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+STEP_PREFIX = "step-"
+TMP_PREFIX = ".tmp-step-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message names the folder and why."""
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"{STEP_PREFIX}{step}"
+
+
+def complete_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint in ``run_dir``, oldest first.
+
+    Complete = named ``step-<N>`` (renamed only after every rank finished) with both
+    DCP's ``.metadata`` and our ``meta.json``; ``.tmp-*`` folders are never listed.
+    """
+    root = checkpoint_dir(run_dir)
+    out = []
+    if not root.is_dir():
+        return out
+    for p in root.iterdir():
+        tail = p.name[len(STEP_PREFIX) :]
+        if p.name.startswith(STEP_PREFIX) and tail.isdigit() and p.is_dir():
+            if (p / ".metadata").is_file() and (p / META_FILE).is_file():
+                out.append((int(tail), p))
+    return sorted(out)
+
+
+def resolve_resume(config: RunConfig) -> Path | None:
+    """The checkpoint this run starts from: ``checkpoint.resume`` = auto (the newest
+    complete one in run_dir, or none), never, or a path to a ``step-<N>`` folder."""
+    mode = config.checkpoint.resume
+    if mode == "never":
+        return None
+    if mode == "auto":
+        found = complete_checkpoints(config.run_dir)
+        return found[-1][1] if found else None
+    path = Path(mode)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"checkpoint.resume={mode!r}: no such checkpoint folder (give a "
+            "run_dir/checkpoints/step-<N> folder, or auto / never)"
+        )
+    return path
+
+
+# --------------------------------------------------------------------------- safe reading
+
+_SAFE_MODULE_PREFIXES = ("torch.distributed.checkpoint.",)
+_SAFE_GLOBALS = {
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "slice"),
+    ("collections", "OrderedDict"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # torch.strided etc. by name
+    ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id
+    ("pathlib", "Path"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch.storage", "_load_from_bytes"),
+    ("enum", "Enum"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's metadata (its dataclasses, torch.Size, dtypes) and nothing else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith(_SAFE_MODULE_PREFIXES) or (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module == "torch" and name in ("memory_format", "layout"):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(
+            f"refusing to unpickle {module}.{name}: a DCP .metadata file holds only "
+            "torch.distributed.checkpoint metadata"
+        )
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's reader, with the ``.metadata`` pickle restricted to DCP's own classes."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):  # noqa: ANN201 - DCP's type
+        rank = kwargs.get("rank")
+        path = self._get_metadata_path(rank)
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def read_meta(path: Path) -> dict:
+    """``meta.json`` of a checkpoint folder, checked for format; CheckpointError if bad."""
+    f = Path(path) / META_FILE
+    try:
+        meta = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete or not a dist_ast checkpoint: {META_FILE} is "
+            "missing (delete the folder or point checkpoint.resume elsewhere)"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupted: {f} does not parse ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        got = meta.get("format_version") if isinstance(meta, dict) else None
+        raise CheckpointError(
+            f"checkpoint {path} has format version {got!r}; this dist_ast reads version "
+            f"{FORMAT_VERSION}"
+        )
+    return meta
+
+
+def check_resume(config: RunConfig) -> Path | None:
+    """The checkpoint to resume from, checked (meta.json, model, sub-nets, DCP metadata)
+    before anything is built or written; None for a fresh start."""
+    path = resolve_resume(config)
+    if path is None:
+        return None
+    meta = read_meta(path)
+    check_compatible(meta, config, path)
+    _read_dcp_metadata(path)
+    return path
+
+
+def _read_dcp_metadata(path: Path):  # noqa: ANN202 - DCP's Metadata
+    try:
+        return SafeFileSystemReader(str(path)).read_metadata()
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete: DCP's .metadata is missing"
+        ) from None
+    except Exception as e:  # a truncated or foreign pickle
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted: .metadata does not load ({e})"
+        ) from e
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop metrics.jsonl records after ``step`` (the killed run's tail, which the resumed
+    run writes again); returns how many were dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec_step = json.loads(line).get("step", 0)
+        except ValueError:  # a line cut by kill -9
+            dropped += 1
+            continue
+        if rec_step > step:
+            dropped += 1
+        else:
+            keep.append(line)
+    if dropped:
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(f"{ln}\n" for ln in keep))
+        tmp.replace(path)
+        log.info("metrics.jsonl: dropped %d records after step %d", dropped, step)
+    return dropped
+
+
+def check_compatible(meta: dict, config: RunConfig, path: Path) -> None:
+    """Refuse a checkpoint of another model, sub-net count, sparsities or mode."""
+    want = {
+        "model": config.model.name,
+        "num_subnets": config.ast.num_subnets,
+        "sparsities": [float(s) for s in config.ast.sparsities],
+        "mode": config.ast.mode,
+        "num_classes": config.model.num_classes,
+    }
+    wrong = [
+        f"{k}: checkpoint has {meta.get(k)!r}, this run has {v!r}"
+        for k, v in want.items()
+        if meta.get(k) != v
+    ]
+    if wrong:
+        raise CheckpointError(
+            f"checkpoint {path} does not match this run ({'; '.join(wrong)}). Use a run_dir "
+            "of its own for a different model/sub-nets, or checkpoint.resume=never to start "
+            "fresh"
+        )
+
+
+# --------------------------------------------------------------------------- state <-> tensors
+
+
+def _int_tensor(v: int) -> torch.Tensor:
+    """A Python int of any size as int64 [hi, lo] (FLOPs counters can pass 2**63)."""
+    hi, lo = divmod(int(v), 1 << 32)
+    return torch.tensor([hi, lo], dtype=torch.int64)
+
+
+def _int_value(t: torch.Tensor) -> int:
+    hi, lo = (int(x) for x in t.tolist())
+    return (hi << 32) + lo
+
+
+def _python_rng_tensor() -> torch.Tensor:
+    version, internal, gauss = random.getstate()
+    g = [0, 0] if gauss is None else [1, int(np.float64(gauss).view(np.int64))]
+    return torch.tensor([version, *internal, *g], dtype=torch.int64)
+
+
+def _set_python_rng(t: torch.Tensor) -> None:
+    v = t.tolist()
+    gauss = float(np.int64(v[-1]).view(np.float64)) if v[-2] else None
+    random.setstate((v[0], tuple(v[1:-2]), gauss))
+
+
+def _numpy_rng_tensor() -> torch.Tensor:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    assert name == "MT19937"
+    extra = np.array([pos, has_gauss, np.float64(cached).view(np.int64)], dtype=np.int64)
+    return torch.from_numpy(np.concatenate([keys.astype(np.int64), extra]))
+
+
+def _set_numpy_rng(t: torch.Tensor) -> None:
+    a = t.numpy()
+    keys = a[:-3].astype(np.uint32)
+    np.random.set_state(
+        ("MT19937", keys, int(a[-3]), int(a[-2]), float(a[-1:].view(np.float64)[0]))
+    )
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's RNG states as tensors (no pickles)."""
+    out = {
+        "torch": torch.get_rng_state(),
+        "python": _python_rng_tensor(),
+        "numpy": _numpy_rng_tensor(),
+    }
+    if device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    _set_python_rng(state["python"])
+    _set_numpy_rng(state["numpy"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _optimizer_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """MaskedSGD momentum by parameter name (names survive resharding; ids do not)."""
+    out = {}
+    for name, p in trainer.model.named_parameters():
+        st = trainer.optimizer.state.get(p, {})
+        for key, v in st.items():
+            if not isinstance(v, torch.Tensor):
+                raise CheckpointError(f"optimizer state {name}.{key} is not a tensor: {type(v)}")
+            out[f"{name}.{key}"] = v
+    return out
+
+
+def _flat_ints(d: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: _int_tensor(v) for k, v in d.items()}
+
+
+def _mask_updates_tensor(updates: list[dict]) -> torch.Tensor:
+    rows = [[u["step"], u["subnet"], u["reset"]] for u in updates]
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
+
+
+def trainer_state(trainer: Trainer) -> dict[str, Any]:
+    """The nested DCP state of a Trainer: tensors only, this rank's keys named by rank."""
+    r = trainer.dist.rank
+    gc = trainer.gc
+    state: dict[str, Any] = {
+        "model": trainer.model.state_dict(),
+        "optim": _optimizer_state(trainer),
+        "clock": {"step": _int_tensor(trainer.step)},
+        "gc": {
+            "steps_checked": _int_tensor(gc.steps_checked),
+            "conflicts": _int_tensor(gc.conflicts),
+            "prev": {str(i): t for i, t in enumerate(gc.prev or [])},
+        },
+        "flops": _flat_ints(trainer.flops.state_dict()),
+        "mask_updates": _mask_updates_tensor(trainer.mask_updates),
+        f"rank{r}": {
+            "rng": rng_state(trainer.dist.device),
+            "loader": _flat_ints(trainer.loaders.train.state_dict()),
+        },
+    }
+    if trainer.scaler is not None:
+        sc = trainer.scaler.state_dict()
+        state["scaler"] = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in sc.items()}
+    return state
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def engine_save(trainer: Trainer, folder: Path) -> None:
+    """The engine's own checkpoint beside the AST state (engine=deepspeed).
+
+    DeepSpeed's ``save_checkpoint(dir, tag, client_state)`` must run on every rank; it is
+    called here once the distributed engine exposes ``trainer.engine`` (issue 3)."""
+    engine = getattr(trainer, "engine", None)
+    if engine is not None and hasattr(engine, "save_checkpoint"):
+        engine.save_checkpoint(str(folder / "deepspeed"), tag="engine")
+
+
+def engine_load(trainer: Trainer, folder: Path) -> None:
+    engine = getattr(trainer, "engine", None)
+    if (
+        engine is not None
+        and hasattr(engine, "load_checkpoint")
+        and (folder / "deepspeed").is_dir()
+    ):
+        engine.load_checkpoint(str(folder / "deepspeed"), tag="engine")
+
+
+def _meta(trainer: Trainer) -> dict:
+    c = trainer.config
+    return {
+        "format_version": FORMAT_VERSION,
+        "step": trainer.step,
+        "world_size": trainer.dist.world_size,
+        "model": c.model.name,
+        "num_classes": c.model.num_classes,
+        "num_subnets": c.ast.num_subnets,
+        "sparsities": [float(s) for s in c.ast.sparsities],
+        "mode": c.ast.mode,
+        "engine": c.engine.name,
+        "torch": torch.__version__,
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": config_as_dict(c),
+    }
+
+
+class Checkpointer:
+    """Decides when to save, writes ``step-<N>`` atomically, keeps the newest K.
+
+    Saves are collective: every rank calls ``save`` at the same step. With
+    ``checkpoint.async_save`` the state is staged to CPU memory and written by a
+    background thread over a gloo group of its own (so it never interleaves with the
+    training collectives); rank 0 renames the folder when the write has finished, at a
+    later step boundary or at ``wait()``.
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.cfg = trainer.config.checkpoint
+        self.run_dir = Path(trainer.config.run_dir)
+        self.dist = trainer.dist
+        self.last_save_time = time.monotonic()
+        self.last_saved_step: int | None = None
+        self._pending: tuple[Future, Path, Path, dict] | None = None
+        self._group = None
+        if self.dist.distributed:
+            # a gloo group of its own: async writes run in a thread, beside training's
+            # collectives on the default group; gloo also serves CPU-staged tensors.
+            self._group = dist.new_group(backend="gloo")
+
+    @property
+    def minutes_due(self) -> bool:
+        m = self.cfg.every_minutes
+        return bool(m) and time.monotonic() - self.last_save_time >= 60.0 * m
+
+    def steps_due(self, step: int) -> bool:
+        n = self.cfg.every_steps
+        return bool(n) and step % n == 0
+
+    def save(self, block: bool = False) -> Path:
+        """Write the trainer's state at its current step (all ranks call this)."""
+        t = self.trainer
+        step = t.step
+        self.finish_pending()
+        final, tmp = (
+            step_dir(self.run_dir, step),
+            checkpoint_dir(self.run_dir) / f"{TMP_PREFIX}{step}",
+        )
+        if self.dist.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        self._barrier()
+        state = trainer_state(t)
+        meta = _meta(t)
+        start = time.perf_counter()
+        if self.cfg.async_save and not block:
+            fut = dcp.async_save(
+                state,
+                checkpoint_id=str(tmp),
+                process_group=self._group,
+                no_dist=not self.dist.distributed,
+            )
+            if not isinstance(fut, Future):  # AsyncSaveResponse (custom stagers)
+                fut = fut.upload_completion
+            self._pending = (fut, tmp, final, meta)
+            log.info(
+                "step %d: async checkpoint staged in %.3f s", step, time.perf_counter() - start
+            )
+        else:
+            dcp.save(
+                state,
+                checkpoint_id=str(tmp),
+                process_group=self._group,
+                no_dist=not self.dist.distributed,
+            )
+            engine_save(t, tmp)
+            self._barrier()
+            if self.dist.is_main:
+                self._commit(tmp, final, meta)
+            self._barrier()
+            log.info(
+                "step %d: checkpoint %s written in %.3f s", step, final, time.perf_counter() - start
+            )
+        self.last_save_time = time.monotonic()
+        self.last_saved_step = step
+        return final
+
+    def finish_pending(self, wait: bool = True) -> None:
+        """Commit a finished async save (rank 0 renames; others just drop the future)."""
+        if self._pending is None:
+            return
+        fut, tmp, final, meta = self._pending
+        if not wait and not fut.done():
+            return
+        fut.result()
+        self._pending = None
+        if self.dist.is_main:
+            self._commit(tmp, final, meta)
+
+    def wait(self) -> None:
+        """Block until an async save is on disk and committed, on every rank."""
+        self.finish_pending(wait=True)
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if self.dist.distributed:
+            dist.barrier(group=self._group)
+
+    def _commit(self, tmp: Path, final: Path, meta: dict) -> None:
+        if not (tmp / ".metadata").is_file():
+            raise CheckpointError(f"DCP wrote no .metadata into {tmp}: the save did not finish")
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+        _fsync_dir(tmp)
+        if final.exists():  # a re-save of the same step (resumed run): replace it
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _fsync_dir(final.parent)
+        self._prune()
+
+    def _prune(self) -> None:
+        keep = max(1, self.cfg.keep)
+        found = complete_checkpoints(self.run_dir)
+        for _, p in found[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)
+        # leftovers of crashed writes (no save is in flight on rank 0 at this point)
+        for p in checkpoint_dir(self.run_dir).glob(f"{TMP_PREFIX}*"):
+            if self._pending is None or p != self._pending[1]:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def close(self) -> None:
+        self.wait()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _targets(trainer: Trainer, keys: set[str], saved_world: int) -> dict[str, Any]:
+    """Tensors for DCP to load into, shaped by this run and by what the checkpoint holds
+    (momentum and the GC buffer exist only once a step ran)."""
+    t = trainer
+    r = t.dist.rank
+    gc_prev_keys = sorted(
+        (k for k in keys if k.startswith("gc.prev.")), key=lambda k: int(k.split(".")[-1])
+    )
+    weights = t.model.sparse_weights()
+    gc_prev = {str(i): torch.zeros_like(w, dtype=torch.float32) for i, w in enumerate(weights)}
+    gc_prev = {k: v for k, v in gc_prev.items() if f"gc.prev.{k}" in keys}
+    if gc_prev and len(gc_prev) != len(gc_prev_keys):
+        raise CheckpointError("the checkpoint's GC buffer does not match the model's sparse layers")
+
+    optim: dict[str, torch.Tensor] = {}
+    params = dict(t.model.named_parameters())
+    for k in keys:
+        if k.startswith("optim."):
+            name, slot = k[len("optim.") :].rsplit(".", 1)
+            if name not in params:
+                raise CheckpointError(
+                    f"the checkpoint has optimizer state for {name}, which this model lacks"
+                )
+            optim[f"{name}.{slot}"] = torch.zeros_like(params[name])
+
+    state: dict[str, Any] = {
+        "model": t.model.state_dict(),
+        "optim": optim,
+        "clock": {"step": torch.zeros(2, dtype=torch.int64)},
+        "gc": {
+            "steps_checked": torch.zeros(2, dtype=torch.int64),
+            "conflicts": torch.zeros(2, dtype=torch.int64),
+            "prev": gc_prev,
+        },
+        "flops": {k: torch.zeros(2, dtype=torch.int64) for k in t.flops.state_dict()},
+    }
+    same_rank = f"rank{r}.rng.torch" in keys
+    if same_rank:
+        rng = {k.split(".", 2)[2]: None for k in keys if k.startswith(f"rank{r}.rng.")}
+        cur = rng_state(t.dist.device)
+        state[f"rank{r}"] = {
+            "rng": {k: torch.zeros_like(cur[k]) for k in rng if k in cur},
+        }
+        if saved_world == t.dist.world_size:
+            loader_keys = [k.split(".", 2)[2] for k in keys if k.startswith(f"rank{r}.loader.")]
+            state[f"rank{r}"]["loader"] = {
+                k: torch.zeros(2, dtype=torch.int64) for k in loader_keys
+            }
+    if t.scaler is not None and any(k.startswith("scaler.") for k in keys):
+        state["scaler"] = {k: torch.zeros((), dtype=torch.float64) for k in t.scaler.state_dict()}
+    return state
+
+
+def load_checkpoint(trainer: Trainer, path: Path) -> dict:
+    """Restore every part of the trainer from ``path``; returns its meta.json.
+
+    Raises CheckpointError, before touching the trainer where it can, when the folder
+    is incomplete, corrupted or of another model."""
+    path = Path(path)
+    t = trainer
+    meta = read_meta(path)
+    check_compatible(meta, t.config, path)
+    md = _read_dcp_metadata(path)
+    saved = md.state_dict_metadata
+    keys = set(saved)
+    _check_shapes(t, saved, path)
+
+    state = _targets(t, keys, int(meta["world_size"]))
+    # mask_updates has a data-dependent length: size its target from the metadata
+    mu = saved.get("mask_updates")
+    n_updates = int(mu.size[0]) if mu is not None else 0
+    state["mask_updates"] = torch.zeros((n_updates, 3), dtype=torch.int64)
+    try:
+        dcp.load(
+            state,
+            storage_reader=SafeFileSystemReader(str(path)),
+            process_group=None,
+            no_dist=not t.dist.distributed,
+        )
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is corrupted or unreadable: {e}") from e
+
+    # install what could not be loaded in place
+    params = dict(t.model.named_parameters())
+    for key, v in state["optim"].items():
+        name, slot = key.rsplit(".", 1)
+        t.optimizer.state[params[name]][slot] = v
+    g = state["gc"]
+    t.gc.steps_checked = _int_value(g["steps_checked"])
+    t.gc.conflicts = _int_value(g["conflicts"])
+    t.gc.prev = [g["prev"][str(i)] for i in range(len(g["prev"]))] or None
+    t.flops.load_state_dict({k: _int_value(v) for k, v in state["flops"].items()})
+    t.flops.refresh(t.model)
+    t.mask_updates = [
+        {"step": int(a), "subnet": int(b), "reset": int(c)}
+        for a, b, c in state["mask_updates"].tolist()
+    ]
+    t.step = _int_value(state["clock"]["step"])
+    if "scaler" in state and t.scaler is not None:
+        sc = {k: v.item() for k, v in state["scaler"].items()}
+        sc["_growth_tracker"] = int(sc.get("_growth_tracker", 0))  # an int in GradScaler
+        t.scaler.load_state_dict(sc)
+    mine = state.get(f"rank{t.dist.rank}", {})
+    if "rng" in mine:
+        set_rng_state(mine["rng"], t.dist.device)
+    else:
+        log.warning(
+            "checkpoint %s has no RNG state for rank %d (saved with %d ranks): this rank keeps "
+            "its seeded RNG",
+            path,
+            t.dist.rank,
+            meta["world_size"],
+        )
+    loader = t.loaders.train
+    if "loader" in mine:
+        loader.load_state_dict({k: _int_value(v) for k, v in mine["loader"].items()})
+    else:
+        # another world size: the same global batch gives the same batches per epoch,
+        # so the position follows from the step.
+        n = len(loader)
+        pos = dict(loader.state_dict())
+        pos.update(epoch=t.step // n, batches_consumed=t.step % n)
+        loader.load_state_dict(pos)
+        log.info("loader position recomputed from step %d for %d ranks", t.step, t.dist.world_size)
+    engine_load(t, path)
+    log.info("resumed from %s (step %d)", path, t.step)
+    return meta
+
+
+def _check_shapes(trainer: Trainer, saved: dict, path: Path) -> None:
+    """Name the first few model tensors whose shape differs (DCP's own error does not)."""
+    bad = []
+    for name, v in trainer.model.state_dict().items():
+        md = saved.get(f"model.{name}")
+        if md is None:
+            bad.append(f"model.{name} missing")
+        elif hasattr(md, "size") and tuple(md.size) != tuple(v.shape):
+            bad.append(f"model.{name}: checkpoint {tuple(md.size)}, model {tuple(v.shape)}")
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model ({len(bad)} tensors differ: "
+            f"{'; '.join(bad[:4])}{' …' if len(bad) > 4 else ''})"
+        )

@@ -1,0 +1,87 @@
+"""Preemption: a signal sets a flag, all ranks agree on it at the next step boundary,
+save together and exit with the requeue code.
+
+Signals: SIGTERM (Slurm preemption, ``scancel``, ``scontrol requeue``, torchrun passing
+on its own SIGTERM), SIGUSR1 and SIGUSR2 (``sbatch --signal=USR1@…``, submitit's
+``USR2@90``). The handler only sets a flag: a save is collective, so it cannot run
+inside a signal handler on one rank. At each step boundary the ranks all-reduce
+(MAX) one small tensor holding [this rank's flag, checkpoint-by-time due on this rank]:
+if any rank was signalled, every rank sees it at the same step and they save that step.
+
+Exit code: ``REQUEUE_EXIT_CODE = 75`` (``EX_TEMPFAIL`` in sysexits.h: "temporary
+failure, the user is invited to retry"). It is distinct from success (0), a Python
+error (1), a config error (2) and death by signal (128+n), so wrappers can tell "saved,
+run me again" from a failure: ``slurm/r50_ast.sh`` requeues the job on it (or on the
+signal it trapped), a cluster may list it in slurm.conf's ``RequeueExit``, and
+``launch/submit.py`` hands it to submitit's requeue.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+REQUEUE_EXIT_CODE = 75
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class Preempted(SystemExit):
+    """Raised after the preemption checkpoint is on disk; exits with REQUEUE_EXIT_CODE."""
+
+    def __init__(self, step: int, signum: int | None) -> None:
+        super().__init__(REQUEUE_EXIT_CODE)
+        self.step = step
+        self.signum = signum
+
+    def __str__(self) -> str:
+        name = signal.Signals(self.signum).name if self.signum else "a signal on another rank"
+        return f"preempted by {name}: saved step {self.step}, exit {REQUEUE_EXIT_CODE} to requeue"
+
+
+class PreemptionHandler:
+    """Installs the flag-setting handlers; ``restore()`` puts the previous ones back."""
+
+    def __init__(self, signals: Iterable[signal.Signals] = SIGNALS) -> None:
+        self.signum: int | None = None
+        self.received_at: float | None = None
+        self._previous: dict[int, object] = {}
+        for s in signals:
+            try:
+                self._previous[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: nothing to install
+                log.debug("cannot install a handler for %s outside the main thread", s)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
+            self.received_at = time.monotonic()
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def restore(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def previous_handler(self, signum: int) -> object:
+        return self._previous.get(signum)
+
+
+def agree(
+    flags: list[bool], group: object | None = None, device: torch.device | None = None
+) -> list[bool]:
+    """Element-wise OR of boolean flags over all ranks, in one all-reduce."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(flags)
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)  # type: ignore[arg-type]
+    return [bool(v) for v in t.tolist()]
