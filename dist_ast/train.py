@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from dist_ast.config import ConfigError, RunConfig, config_as_dict
 from dist_ast.data import Loaders, build_loaders
+from dist_ast.distributed.ddp import GradSync, wrap_model
 from dist_ast.distributed.setup import DistInfo, destroy_distributed, init_distributed
 from dist_ast.evaluate import evaluate_subnets
 from dist_ast.flops import TrainingFlops
@@ -31,6 +32,7 @@ from dist_ast.metrics import MetricsWriter, print_summary_table
 from dist_ast.models import build_subnet_model
 from dist_ast.sparsity import GradientCorrection, MaskedSGD, SparsitySchedule, SubnetModel
 from dist_ast.sparsity.updater import MaskUpdater
+from dist_ast.subnets_io import MODEL_FILE, save_model_state
 
 log = logging.getLogger("dist_ast.train")
 
@@ -95,6 +97,7 @@ class Trainer:
     step: int = 0
     scaler: torch.amp.GradScaler | None = None
     mask_updates: list[dict] = field(default_factory=list)
+    sync: GradSync | None = None  # data-parallel plumbing, set by build_trainer
 
     @property
     def mode(self) -> str:
@@ -128,6 +131,11 @@ class Trainer:
         updating = schedule.updates_at(step)
         weights = model.sparse_weights()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.sync.owns_step:
+            # DeepSpeed owns backward, all-reduce and step: the same masking, GC and masked
+            # update run on its flat fp32 partitions (dist_ast/distributed/deepspeed_engine.py).
+            return self.sync.train_step(self, x, y, lr, updating)
+        self.sync.begin_step(updating)  # the all-reduce sends only m_k unless k regrows now
 
         # 1. Forward/backward: one sub-net (alternating) or all of them (joint).
         if self.mode == "joint":
@@ -176,11 +184,12 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step(update_masks)
+        self.sync.end_step()  # BatchNorm running statistics averaged over ranks
 
-        # 5. Prune-and-regrow of the sub-net(s) scheduled at this step.
+        # 5. Prune-and-regrow of the sub-net(s) scheduled at this step: rank 0 decides,
+        # the masks are broadcast bit-packed and checksummed on every rank.
         for k in updating:
-            new_masks = self.updater.decide(k, step, dense_grads[k])
-            reset = self.updater.apply(k, new_masks, self.optimizer)
+            reset = self.sync.update_masks(self.updater, k, step, dense_grads[k], self.optimizer)
             self.mask_updates.append({"step": step, "subnet": k, "reset": reset})
             log.debug("step %d: sub-net %d mask update (%d weights grown fresh)", step, k, reset)
         if updating:
@@ -193,6 +202,7 @@ class Trainer:
             "subnet": subnets[0] if len(subnets) == 1 else None,
             "mask_update": updating or None,
             "gc_conflict": conflicted,
+            "comm_bytes": self.sync.step_bytes,
         }
 
     @property
@@ -212,25 +222,63 @@ class Trainer:
         cfg = self.config.train
         total = self.schedule.total_steps
         batches = iter(self.loaders.train)
+        from dist_ast.checkpoint import Checkpointer
+        from dist_ast.preemption import PreemptionHandler
         from dist_ast.progress import training_progress
 
-        with training_progress(total, enabled=cfg.progress and self.dist.is_main) as progress:
-            progress.advance_to(self.step)
-            while self.step < total:
-                self.model.train()
-                x, y = next(batches)
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                out = self.train_step(x, y)
-                self.step += 1
-                progress.update(self.step, out)
-                if self.step % cfg.log_every == 0 or out["mask_update"] or self.step == total:
-                    self.log_metrics(out)
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < total:
-                    self.log_eval(self.evaluate())
+        checkpointer = Checkpointer(self)
+        preemption = PreemptionHandler()
+        try:
+            with training_progress(total, enabled=cfg.progress and self.dist.is_main) as progress:
+                progress.advance_to(self.step)
+                while self.step < total:
+                    self.model.train()
+                    x, y = next(batches)
+                    if cfg.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    out = self.train_step(x, y)
+                    self.step += 1
+                    progress.update(self.step, out)
+                    if self.step % cfg.log_every == 0 or out["mask_update"] or self.step == total:
+                        self.log_metrics(out)
+                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < total:
+                        self.log_eval(self.evaluate())
+                    self.step_boundary(checkpointer, preemption)
+            checkpointer.wait()
+        finally:
+            preemption.restore()
         results = self.evaluate()
         self.log_eval(results)
         return self.summary(results)
+
+    def step_boundary(self, checkpointer, preemption) -> None:  # noqa: ANN001
+        """Between two steps: save when a trigger fires; on a signal (agreed by all ranks
+        in one all-reduce) save this step on every rank and exit with the requeue code."""
+        from dist_ast.preemption import Preempted, agree
+
+        checkpointer.finish_pending(wait=False)
+        stop, timed = agree(
+            [preemption.requested, checkpointer.minutes_due], device=self.dist.device
+        )
+        if stop:
+            checkpointer.save(block=True)
+            err = Preempted(self.step, preemption.signum)
+            log.warning("%s", err)
+            raise err
+        if timed or checkpointer.steps_due(self.step):
+            checkpointer.save()
+
+    def state_dict(self) -> dict:
+        """Everything a step touches, as DCP's nested dict of tensors (dist_ast.checkpoint)."""
+        from dist_ast.checkpoint import trainer_state
+
+        return trainer_state(self)
+
+    def load_state_dict(self, path: str | Path) -> dict:
+        """Restore from a ``step-<N>`` checkpoint folder; returns its meta.json."""
+        from dist_ast.checkpoint import load_checkpoint
+
+        return load_checkpoint(self, Path(path))
 
     def log_metrics(self, out: dict) -> None:
         record = {
@@ -305,15 +353,23 @@ def build_trainer(config: RunConfig, dist_info: DistInfo) -> Trainer:
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     schedule = build_schedule(config, len(loaders.train))
-    updater = MaskUpdater(model, schedule, config.ast.mask_relation == "completely_subset")
+    updater = MaskUpdater(
+        model,
+        schedule,
+        config.ast.mask_relation == "completely_subset",
+        nm_patterns=config.ast.nm_patterns,
+    )
     updater.init_masks(seed=t.seed)
     o = config.optim
     optimizer = MaskedSGD(
         model.param_groups(o.weight_decay), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov
     )
-    from dist_ast.distributed.ddp import wrap_model
+    if config.engine.name == "deepspeed":  # its optimizer steps flat fp32 partitions
+        from dist_ast.distributed.deepspeed_engine import wrap_deepspeed
 
-    ddp_model = wrap_model(model, dist_info, config.engine)
+        ddp_model, sync, optimizer = wrap_deepspeed(model, optimizer, dist_info, config)
+    else:
+        ddp_model, sync = wrap_model(model, dist_info, config.engine)
     run_dir = Path(config.run_dir)
     sample = next(iter(loaders.val))[0][:1]
     return Trainer(
@@ -328,7 +384,10 @@ def build_trainer(config: RunConfig, dist_info: DistInfo) -> Trainer:
         gc=GradientCorrection(enabled=config.ast.gradient_correction),
         flops=TrainingFlops.measure(model, sample, batch_size=t.batch_size),
         metrics=MetricsWriter(run_dir / "metrics.jsonl", enabled=dist_info.is_main),
-        scaler=torch.amp.GradScaler(dist_info.device.type) if t.precision == "fp16" else None,
+        scaler=torch.amp.GradScaler(dist_info.device.type)
+        if t.precision == "fp16" and config.engine.name == "ddp"
+        else None,
+        sync=sync,
     )
 
 
@@ -337,10 +396,17 @@ def run(config: RunConfig) -> dict:
     dist_info = init_distributed(config.train.device)
     try:
         run_dir = Path(config.run_dir)
+        from dist_ast.checkpoint import check_resume, truncate_metrics
+
+        resume = check_resume(config)  # a bad checkpoint fails here, before any write
+        trainer = build_trainer(config, dist_info)
+        if resume is not None:
+            trainer.load_state_dict(resume)
         if dist_info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(config_as_dict(config), indent=2))
-        trainer = build_trainer(config, dist_info)
+            if resume is not None:  # drop records the killed run wrote after its checkpoint
+                truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
         start = time.perf_counter()
         summary = trainer.fit()
         summary["wall_seconds"] = round(time.perf_counter() - start, 3)
@@ -348,6 +414,8 @@ def run(config: RunConfig) -> dict:
             tmp = run_dir / "summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=2))
             tmp.replace(run_dir / "summary.json")
+            # The trained sub-nets for evaluate/export/dynamic/report (dist_ast.subnets_io).
+            save_model_state(run_dir / MODEL_FILE, config_as_dict(config), trainer.model)
             print_summary_table(summary)
         return summary
     finally:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import torch
 
+from dist_ast.config import ConfigError
+from dist_ast.sparsity import nm
 from dist_ast.sparsity.masks import density_count, random_mask, split_flat
 from dist_ast.sparsity.model import SubnetModel
 from dist_ast.sparsity.optim import MaskedSGD
 from dist_ast.sparsity.prune_regrow import global_magnitude_prune, prune_and_regrow
-from dist_ast.sparsity.schedule import SparsitySchedule
+from dist_ast.sparsity.schedule import SparsitySchedule, cubic_sparsity
 
 
 def initial_masks(model: SubnetModel, initial_sparsity: float, seed: int) -> list[torch.Tensor]:
@@ -29,12 +31,51 @@ class MaskUpdater:
     """Carries out sub-net k's prune-and-regrow at the steps the schedule names."""
 
     def __init__(
-        self, model: SubnetModel, schedule: SparsitySchedule, completely_subset: bool = False
+        self,
+        model: SubnetModel,
+        schedule: SparsitySchedule,
+        completely_subset: bool = False,
+        nm_patterns: list[str] | None = None,
     ) -> None:
         self.model = model
         self.schedule = schedule
         self.completely_subset = completely_subset
         self.total = sum(w.numel() for w in model.sparse_weights())
+        self.nm_patterns = list(nm_patterns) if nm_patterns else None
+        if self.nm_patterns:
+            self._check_nm()
+
+    def _check_nm(self) -> None:
+        """N:M sub-nets start dense and reach exactly their pattern's sparsity."""
+        patterns, s = self.nm_patterns, self.schedule
+        if len(patterns) != s.num_subnets:
+            raise ConfigError(
+                f"invalid ast.nm_patterns={patterns}: give one pattern per sub-net "
+                f"({s.num_subnets})"
+            )
+        if self.completely_subset:
+            raise ConfigError(
+                "invalid ast.mask_relation=completely_subset with ast.nm_patterns: N:M "
+                "sub-nets are trained non-disjoint; set ast.mask_relation=non_disjoint"
+            )
+        if s.initial_sparsity != 0.0:
+            raise ConfigError(
+                f"invalid ast.initial_sparsity={s.initial_sparsity} with ast.nm_patterns: "
+                "N:M sub-nets start dense (0% N:M groups); set ast.initial_sparsity=0"
+            )
+        expected = [round(nm.pattern_sparsity(p), 6) for p in patterns]
+        if any(abs(a - b) > 1e-6 for a, b in zip(expected, s.sparsities, strict=True)):
+            raise ConfigError(
+                f"invalid ast.sparsities={list(s.sparsities)} for ast.nm_patterns={patterns}: "
+                f"an N:M sub-net is 1 - N/M sparse; set ast.sparsities={expected}"
+            )
+
+    def nm_fraction(self, step: float) -> float:
+        """Scheduled fraction of N:M groups: 0 at ramp start, 1 from ramp end (cubic)."""
+        s = self.schedule
+        return cubic_sparsity(
+            step, final=1.0, initial=0.0, ramp_start=s.ramp_start, ramp_end=s.ramp_end
+        )
 
     def init_masks(self, seed: int) -> None:
         masks = initial_masks(self.model, self.schedule.initial_sparsity, seed)
@@ -45,8 +86,16 @@ class MaskUpdater:
     def decide(self, k: int, step: int, dense_grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """Sub-net k's new masks at ``step`` from the all-reduced dense gradient."""
         weights = self.model.sparse_weights()
-        target = self.schedule.target_count(k, step, self.total)
         fraction = self.schedule.regrow_fraction(step)
+        if self.nm_patterns:
+            groups = self.nm_fraction(step)
+            return [
+                nm.nm_update(
+                    w, m, g, self.nm_patterns[k], fraction=groups, regrow_fraction=fraction
+                )
+                for w, m, g in zip(weights, self.model.masks(k), dense_grads, strict=True)
+            ]
+        target = self.schedule.target_count(k, step, self.total)
         n = self.model.num_subnets
         protect = self.model.masks(k + 1) if self.completely_subset and k + 1 < n else None
         if self.completely_subset and k > 0:

@@ -1,0 +1,141 @@
+"""Read a trained model back for the tools that use the sub-nets (evaluate, export,
+dynamic inference, report), whatever wrote it.
+
+Two formats are accepted by :func:`load_model_state`:
+
+* a plain ``torch.save`` file ``{"config": <RunConfig as dict>, "model": state_dict}``:
+  ``run_dir/model.pt``, written by rank 0 at the end of every training run;
+* a ``torch.distributed.checkpoint`` (DCP) folder ``run_dir/checkpoints/step-<N>/``
+  (a folder with a ``.metadata`` file), read without a process group. The model's
+  entries are those under ``model.`` (or ``model/``); the config comes from the
+  checkpoint when it holds one, else from ``config.json`` of the run folder.
+
+A run folder may be given too: its newest complete checkpoint, else its ``model.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dist_ast.config import RunConfig, to_run_config
+from dist_ast.sparsity.model import SubnetModel
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pt"
+
+
+def save_model_state(path: str | Path, config_dict: dict, model: SubnetModel) -> Path:
+    """Write ``{"config", "model"}`` atomically (tmp + rename), so a reader never sees
+    a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"config": config_dict, "model": state}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _newest_checkpoint(run_dir: Path) -> Path | None:
+    steps = []
+    for p in (run_dir / "checkpoints").glob("step-*"):
+        m = re.fullmatch(r"step-(\d+)", p.name)
+        if m and p.is_dir() and (p / ".metadata").exists():
+            steps.append((int(m.group(1)), p))
+    return max(steps)[1] if steps else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The file or DCP folder that ``path`` names (a run folder resolves to its newest
+    checkpoint, else its model.pt)."""
+    p = Path(path)
+    if p.is_file() or (p / ".metadata").exists():
+        return p
+    if p.is_dir():
+        newest = _newest_checkpoint(p)
+        if newest is not None:
+            return newest
+        if (p / MODEL_FILE).is_file():
+            return p / MODEL_FILE
+    raise FileNotFoundError(
+        f"no checkpoint at {p}: give run_dir/{MODEL_FILE}, a run_dir/checkpoints/step-<N> "
+        "folder, or a run folder holding one of them"
+    )
+
+
+def _config_from(obj: Any) -> dict | None:
+    if isinstance(obj, dict):
+        return obj
+    if isinstance(obj, str):
+        try:
+            out = json.loads(obj)
+        except ValueError:
+            return None
+        return out if isinstance(out, dict) else None
+    return None
+
+
+def _model_entries(state: dict) -> dict[str, torch.Tensor]:
+    """The model's tensors out of a (possibly flattened) DCP state dict."""
+    if isinstance(state.get("model"), dict):
+        return state["model"]
+    for prefix in ("model.", "model/"):
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if sub:
+            return sub
+    raise KeyError(f"no model entries in the checkpoint (keys: {sorted(state)[:8]} …)")
+
+
+def _load_dcp(folder: Path) -> tuple[dict | None, dict[str, torch.Tensor]]:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "ckpt.pt"
+        dcp_to_torch_save(str(folder), str(out))
+        state = torch.load(out, map_location="cpu", weights_only=False)
+    config = _config_from(state.get("config"))
+    return config, _model_entries(state)
+
+
+def load_model_state(path: str | Path) -> tuple[RunConfig, dict[str, torch.Tensor]]:
+    """(validated RunConfig, the SubnetModel's state_dict) from a checkpoint; see the
+    module docstring for the formats."""
+    p = resolve_checkpoint(path)
+    if p.is_dir():
+        config, model = _load_dcp(p)
+        if config is None:
+            for candidate in (p.parent.parent / "config.json", p / "config.json"):
+                if candidate.is_file():
+                    config = json.loads(candidate.read_text())
+                    break
+        if config is None:
+            raise FileNotFoundError(f"{p}: the checkpoint holds no config and no config.json")
+    else:
+        state = torch.load(p, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or "model" not in state or "config" not in state:
+            raise ValueError(f"{p} is not a dist_ast model file (expected keys config, model)")
+        config, model = _config_from(state["config"]), state["model"]
+        if config is None:
+            raise ValueError(f"{p}: the config entry is not a dict")
+    return to_run_config(config), dict(model)
+
+
+def load_subnet_model(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[RunConfig, SubnetModel]:
+    """The trained SubnetModel (eval mode) and its config."""
+    from dist_ast.models import build_subnet_model
+
+    config, state = load_model_state(path)
+    model = build_subnet_model(config.model, config.ast.num_subnets)
+    model.load_state_dict(state)
+    return config, model.to(device).eval()
