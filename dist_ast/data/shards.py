@@ -563,6 +563,11 @@ def check_split(
                             f"dist_ast.data.shards --reindex {root}"
                         )
         if deep:
+            starts = [min(off for off, _n, _name in row.values()) for row in rows]
+            for a, b, row in zip(starts, starts[1:], rows[1:], strict=False):
+                if b <= a:
+                    name = next(iter(row.values()))[2]
+                    raise ShardError(f"index {idx} is out of tar order at {name}: stale index")
             for row in rows:
                 if "jpg" not in row or "cls" not in row:
                     key = next(iter(row.values()))[2].split(".")[0]
