@@ -34,7 +34,7 @@ from dist_ast.sparsity.masks import topk_mask
 
 
 def parse_pattern(pattern: str) -> tuple[int, int]:
-    """"2:4" -> (2, 4)."""
+    """Parse "2:4" into (2, 4)."""
     n, m = (int(x) for x in pattern.split(":"))
     if not 0 < n < m:
         raise ValueError(f"N:M pattern {pattern!r} needs 0 < N < M")
