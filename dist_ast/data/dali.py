@@ -67,7 +67,10 @@ def _pipeline(
     shard_id: int,
     num_shards: int,
     checkpoint: bytes | None = None,
+    fuse_crop: bool = True,
 ):
+    """The pipeline for one rank. ``fuse_crop=False`` decodes whole images and crops
+    afterwards (for the benchmark's comparison; the fused decoder only decodes the crop)."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
@@ -114,6 +117,17 @@ def _pipeline(
                 )
                 if small["flip"]:
                     cmn["mirror"] = fn.random.coin_flip()
+        elif train and not fuse_crop:
+            img = fn.decoders.image(jpg, device=dec, output_type=types.RGB)
+            img = fn.random_resized_crop(
+                img,
+                device=op,
+                size=(S, S),
+                random_area=[rrc_min, 1.0],
+                random_aspect_ratio=[3 / 4, 4 / 3],
+                num_attempts=10,
+            )
+            cmn["mirror"] = fn.random.coin_flip()
         elif train:
             img = fn.decoders.image_random_crop(
                 jpg,
@@ -204,9 +218,11 @@ class DaliTrainLoader:
         image_size: int,
         num_workers: int,
         rrc_min: float = 0.08,
+        fuse_crop: bool = True,
     ) -> None:
         self.shards = ShardSet(root, "train")
         self.dataset, self.image_size, self.rrc_min = dataset, image_size, rrc_min
+        self.fuse_crop = fuse_crop
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.device = seed, torch.device(device)
         self.num_threads = max(1, num_workers)
@@ -237,6 +253,7 @@ class DaliTrainLoader:
             shard_id=self.rank,
             num_shards=self.world_size,
             checkpoint=self._checkpoint,
+            fuse_crop=self.fuse_crop,
         )
         self._iter = DALIGenericIterator([self._pipe], ["x", "y"], auto_reset=False)
         self._built_at = (self.epoch, self.batches_consumed)

@@ -1,0 +1,231 @@
+"""Input-pipeline throughput: DALI (CPU; and GPU ``mixed`` when CUDA is present) vs the
+webdataset loader vs torchvision ImageFolder + DataLoader, on the same JPEGs, the same
+ImageNet training recipe (random-resized crop, flip, normalize) at 224 px and the same
+number of worker processes / DALI threads.
+
+    python -m dist_ast.bench.data [--images 1024] [--workers 2] [--batch-size 64]
+
+The JPEGs are crops of scikit-learn's two bundled photos (427x640), random sizes
+between 256 and 427 px a side (ImageNet's typical size), quality 90, written once to
+``--cache`` as an ImageFolder tree and as shards. Each loader runs ``--rounds`` times,
+interleaved with the others (so a background load spike hits all of them); the table
+shows the best round's images/s, excluding start-up (worker fork, pipeline build) and
+the first batch, and the ratio to ImageFolder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("dist_ast.bench.data")
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def make_jpegs(root: Path, n: int, seed: int = 0) -> Path:
+    """n JPEG crops of the sklearn sample photos in ImageFolder layout (8 classes)."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    tree = root / f"jpegs-{n}"
+    if (tree / ".done").exists():
+        return tree
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", n), ("val", max(8, n // 8))):
+        for i in range(count):
+            img = photos[i % len(photos)]
+            h, w, _ = img.shape
+            ch, cw = (int(v) for v in rng.integers(256, min(h, w) + 1, size=2))
+            y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            crop = img[y : y + ch, x : x + cw]
+            if rng.random() < 0.5:
+                crop = crop[:, ::-1]
+            d = tree / split / f"c{i % 8}"
+            d.mkdir(parents=True, exist_ok=True)
+            buf = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(crop)).save(buf, format="JPEG", quality=90)
+            (d / f"{i:06d}.jpg").write_bytes(buf.getvalue())
+    (tree / ".done").write_text("")
+    return tree
+
+
+def make_shards(tree: Path, out: Path) -> Path:
+    from dist_ast.data.shards import MANIFEST, write_shards
+
+    if not (out / MANIFEST).exists():
+        write_shards(tree, out, shard_size=256, workers=2, progress=False)
+    return out
+
+
+def imagefolder_loader(tree: Path, size: int, batch: int, workers: int, seed: int):
+    """torchvision's reference pipeline: ImageFolder + DataLoader, float normalize in the
+    workers (as the torchvision ImageNet recipe does)."""
+    from torchvision import datasets
+    from torchvision import transforms as T
+
+    tf = T.Compose(
+        [
+            T.RandomResizedCrop(size),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(MEAN, STD),
+        ]
+    )
+    ds = datasets.ImageFolder(str(tree / "train"), tf)
+    g = torch.Generator().manual_seed(seed)
+
+    def endless() -> Iterator[Any]:
+        while True:
+            yield from torch.utils.data.DataLoader(
+                ds,
+                batch_size=batch,
+                shuffle=True,
+                drop_last=True,
+                num_workers=workers,
+                generator=g,
+                persistent_workers=False,
+            )
+
+    return endless()
+
+
+def measure(make: Callable[[], Iterator[Any]], batches: int) -> tuple[float, float]:
+    """(images/s after the first batch, start-up seconds incl. the first batch)."""
+    t0 = time.perf_counter()
+    it = make()
+    x, _ = next(it)
+    t1 = time.perf_counter()
+    n = 0
+    for _ in range(batches):
+        x, y = next(it)
+        n += len(y)
+    t2 = time.perf_counter()
+    del it
+    return n / (t2 - t1), t1 - t0
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Benchmark rows: {"loader", "device", "workers", "images_per_s", "ratio", ...}."""
+    from dist_ast.data.dali import DaliTrainLoader, dali_available
+    from dist_ast.data.wds import WdsTrainLoader
+
+    cache = Path(args.cache)
+    tree = make_jpegs(cache, args.images)
+    shards = make_shards(tree, cache / f"shards-{args.images}")
+    S, B, W = args.image_size, args.batch_size, args.workers
+    common = dict(dataset="imagenet", batch_size=B, rank=0, world_size=1, seed=0)
+    common.update(image_size=S, num_workers=W)
+
+    def wds():
+        return iter(WdsTrainLoader(str(shards), device="cpu", **common))
+
+    def dali(device: str, fuse: bool = True):
+        return lambda: iter(DaliTrainLoader(str(shards), device=device, fuse_crop=fuse, **common))
+
+    candidates: list[tuple[str, str, Callable[[], Iterator[Any]]]] = [
+        ("torchvision ImageFolder", "cpu", lambda: imagefolder_loader(tree, S, B, W, 0)),
+        ("webdataset + torchvision", "cpu", wds),
+    ]
+    if dali_available():
+        candidates += [
+            ("DALI (decode, then crop)", "cpu", dali("cpu", fuse=False)),
+            ("DALI (fused decode+crop)", "cpu", dali("cpu")),
+        ]
+        if torch.cuda.is_available():
+            candidates += [("DALI mixed (GPU decode)", "cuda", dali("cuda"))]
+    batches = max(1, args.batches or (args.images // B) - 1)
+    best: dict[str, tuple[float, float]] = {}
+    for r in range(args.rounds):
+        for name, _dev, make in candidates:
+            rate, startup = measure(make, batches)
+            log.info("round %d %-26s %8.1f img/s (start-up %.1f s)", r, name, rate, startup)
+            if name not in best or rate > best[name][0]:
+                best[name] = (rate, startup)
+    base = best[candidates[0][0]][0]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return [
+        {
+            "loader": name,
+            "device": dev,
+            "workers": W,
+            "batch_size": B,
+            "image_size": S,
+            "images": args.images,
+            "batches": batches,
+            "images_per_s": round(best[name][0], 1),
+            "startup_s": round(best[name][1], 2),
+            "ratio": round(best[name][0] / base, 2),
+            "cpus": os.cpu_count(),
+            "load_avg_1m": round(load, 2),
+        }
+        for name, dev, _ in candidates
+    ]
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if not rows:
+        return
+    r0 = rows[0]
+    t = Table(
+        title=(
+            f"Input pipelines, ImageNet train recipe at {r0['image_size']} px, "
+            f"{r0['workers']} workers/threads, batch {r0['batch_size']}, "
+            f"{r0['cpus']} CPUs (load {r0['load_avg_1m']})"
+        )
+    )
+    for col in ("loader", "device", "images/s", "× ImageFolder", "start-up s"):
+        t.add_column(col, justify="left" if col in ("loader", "device") else "right")
+    for r in rows:
+        t.add_row(
+            r["loader"],
+            r["device"],
+            f"{r['images_per_s']:.1f}",
+            f"{r['ratio']:.2f}",
+            f"{r['startup_s']:.1f}",
+        )
+    Console().print(t)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dist_ast.bench.data", description=__doc__)
+    p.add_argument("--images", type=int, default=1024, help="training JPEGs to generate")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers = DALI threads")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batches", type=int, default=0, help="timed batches (0: one epoch)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--cache", default="runs/bench/data")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler()])
+    args = parser().parse_args(argv)
+    rows = run(args)
+    print_table(rows)
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
