@@ -38,10 +38,12 @@ class ModelConfig:
     dense_classifier: bool = False  # the first conv is always dense; the classifier is optional
     zero_init_residual: bool = False  # torchvision ResNets: last BN of each block starts at 0
     small_input: bool = True  # ResNet-18/50 on 32x32: 3x3 stem, no max-pool
+    width: int = 32  # tiny_cnn only: channels of its first block (tests use 8)
 
     def __post_init__(self) -> None:
         _require(self.name in MODELS, "model.name", self.name, f"choose one of {MODELS}")
         _require(self.num_classes >= 2, "model.num_classes", self.num_classes, "must be >= 2")
+        _require(self.width >= 1, "model.width", self.width, "must be >= 1")
 
 
 @dataclass
@@ -165,6 +167,12 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
         _require(0 <= self.momentum < 1, "optim.momentum", self.momentum, "must lie in [0, 1)")
+        _require(
+            not self.nesterov or self.momentum > 0,
+            "optim.nesterov",
+            self.nesterov,
+            "nesterov needs optim.momentum > 0",
+        )
         _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
         _require(
             0 <= self.label_smoothing < 1,

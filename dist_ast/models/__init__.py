@@ -14,7 +14,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     if cfg.name == "tiny_cnn":
         from dist_ast.models.tiny import TinyCNN
 
-        return TinyCNN(cfg.num_classes)
+        return TinyCNN(cfg.num_classes, width=cfg.width)
     if cfg.name == "wrn32":
         from dist_ast.models.wrn import wide_resnet32
 
