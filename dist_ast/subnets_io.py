@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -46,12 +45,10 @@ def save_model_state(path: str | Path, config_dict: dict, model: SubnetModel) ->
 
 
 def _newest_checkpoint(run_dir: Path) -> Path | None:
-    steps = []
-    for p in (run_dir / "checkpoints").glob("step-*"):
-        m = re.fullmatch(r"step-(\d+)", p.name)
-        if m and p.is_dir() and (p / ".metadata").exists():
-            steps.append((int(m.group(1)), p))
-    return max(steps)[1] if steps else None
+    from dist_ast.checkpoint import complete_checkpoints
+
+    found = complete_checkpoints(run_dir)
+    return found[-1][1] if found else None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -96,14 +93,29 @@ def _model_entries(state: dict) -> dict[str, torch.Tensor]:
 
 
 def _load_dcp(folder: Path) -> tuple[dict | None, dict[str, torch.Tensor]]:
+    """A dist_ast checkpoint (meta.json + DCP): only the model's entries are read, into a
+    model built from the saved config, with no process group and the checkpoint module's
+    restricted metadata unpickler. Another DCP folder: converted whole to torch.save."""
+    if (folder / "meta.json").is_file():
+        import torch.distributed.checkpoint as dcp
+
+        from dist_ast.checkpoint import SafeFileSystemReader, read_meta
+        from dist_ast.models import build_subnet_model
+
+        config_dict = read_meta(folder)["config"]
+        config = to_run_config(config_dict)
+        model = build_subnet_model(config.model, config.ast.num_subnets)
+        state = {"model": model.state_dict()}
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(folder)), no_dist=True)
+        return config_dict, state["model"]
+
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ckpt.pt"
         dcp_to_torch_save(str(folder), str(out))
         state = torch.load(out, map_location="cpu", weights_only=False)
-    config = _config_from(state.get("config"))
-    return config, _model_entries(state)
+    return _config_from(state.get("config")), _model_entries(state)
 
 
 def load_model_state(path: str | Path) -> tuple[RunConfig, dict[str, torch.Tensor]]:

@@ -12,7 +12,7 @@ from dist_ast.config import ASTConfig, RunConfig, config_as_dict
 from dist_ast.dynamic import DynamicModel
 from dist_ast.export import export_subnet
 from dist_ast.subnets_io import save_model_state
-from tests.test_export import random_subnets
+from tests.subnets_utils import random_subnets
 
 
 def storage_pointers(module: torch.nn.Module) -> dict[str, int]:

@@ -13,33 +13,8 @@ import torch
 
 from dist_ast.config import ASTConfig, ModelConfig, RunConfig, config_as_dict
 from dist_ast.export import densify, export_subnet, export_to_files, sparse_subnet
-from dist_ast.models import build_subnet_model
-from dist_ast.sparsity import nm
-from dist_ast.sparsity.layers import SwitchableBatchNorm2d
 from dist_ast.subnets_io import load_model_state, save_model_state
-
-
-def random_subnets(config: RunConfig, seed: int = 0, nm_patterns=None):
-    """A SubnetModel whose sub-nets differ in masks and in every BatchNorm row."""
-    torch.manual_seed(seed)
-    model = build_subnet_model(config.model, config.ast.num_subnets)
-    for k, s in enumerate(config.ast.sparsities):
-        if nm_patterns:
-            masks = [
-                nm.nm_update(w, m, None, nm_patterns[k], fraction=1.0, regrow_fraction=0.0)
-                for w, m in zip(model.sparse_weights(), model.masks(k), strict=True)
-            ]
-        else:
-            masks = [torch.rand_like(w) >= s for w in model.sparse_weights()]
-        model.set_masks(k, masks)
-    with torch.no_grad():
-        for bn in model.modules():
-            if isinstance(bn, SwitchableBatchNorm2d):
-                bn.weight.uniform_(0.5, 1.5)
-                bn.bias.normal_(0, 0.1)
-                bn.running_mean.normal_(0, 0.1)
-                bn.running_var.uniform_(0.5, 2.0)
-    return model.eval()
+from tests.subnets_utils import random_subnets
 
 
 def subnet_logits(model, k: int, x: torch.Tensor) -> torch.Tensor:
