@@ -111,11 +111,10 @@ def _read_samples(shards: ShardSet, g0: int, g1: int) -> list[tuple[str, bytes, 
 
     out: list[tuple[str, bytes, int, str]] = []
     for s, p0, p1 in shards.runs(g0, g1):
-        tar, rows = shards.tars[s], shards.rows[s]
-        first = min(off for off, _n, _name in rows[p0].values()) - 512
+        tar = shards.tars[s]
         with open(tar, "rb") as f:
-            f.seek(first)
-            want = [rows[p][next(iter(rows[p]))][2].split(".")[0] for p in range(p0, p1)]
+            f.seek(int(shards.first[s][p0]))
+            want = [k.decode() for k in shards.keys[s][p0:p1]]
             files = ({**m, "__url__": tar} for m in tar_file_iterator(f))
             it = group_by_keys(files)
             for key in want:
