@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 
 from dist_ast.config import RunConfig, config_as_dict
 
@@ -625,7 +626,7 @@ def load_checkpoint(trainer: Trainer, path: Path) -> dict:
             process_group=None,
             no_dist=not t.dist.distributed,
         )
-    except Exception as e:
+    except (Exception, CheckpointException) as e:  # DCP's is a BaseException
         raise CheckpointError(f"checkpoint {path} is corrupted or unreadable: {e}") from e
 
     # install what could not be loaded in place

@@ -1,0 +1,140 @@
+"""Shared helpers of the checkpoint / preemption / Slurm-resume tests: a short demo run
+as a subprocess (the real command line), waiting on its progress, and comparing two
+finished runs (summary.json without wall time, model.pt tensors, metrics.jsonl)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+# 24 steps of the demo (3 sub-nets): mask updates at steps 12 (k=0), 16 (k=1), 20 (k=2),
+# a checkpoint every 8 steps, metrics every step (so a kill lands at a known step).
+SHORT = [
+    "experiment=demo",
+    "train.progress=false",
+    "train.device=cpu",
+    "train.max_steps=24",
+    "train.log_every=1",
+    "ast.ramp_end_epoch=0.5",
+    "ast.update_every=12",
+    "ast.stagger=4",
+    "checkpoint.every_steps=8",
+]
+
+
+def env() -> dict[str, str]:
+    e = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+    e.pop("WORLD_SIZE", None)
+    e.pop("RANK", None)
+    return e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_cmd(run_dir: Path, *overrides: str) -> list[str]:
+    return [PY, "-m", "dist_ast.train", *SHORT, f"run_dir={run_dir}", *overrides]
+
+
+def run_train(run_dir: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    r = subprocess.run(
+        train_cmd(run_dir, *overrides),
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def spawn_ranks(
+    run_dir: Path, world: int, *overrides: str, log_dir: Path
+) -> list[subprocess.Popen]:
+    """``world`` training processes joined over gloo, as srun or torchrun would start them."""
+    port = free_port()
+    procs = []
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for r in range(world):
+        e = env()
+        e.update(
+            RANK=str(r),
+            LOCAL_RANK=str(r),
+            WORLD_SIZE=str(world),
+            LOCAL_WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        out = open(log_dir / f"rank{r}.log", "w")  # noqa: SIM115 - closed with the process
+        procs.append(
+            subprocess.Popen(
+                train_cmd(run_dir, *overrides),
+                cwd=REPO,
+                env=e,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    return procs
+
+
+def last_step(run_dir: Path) -> int:
+    """The last training step metrics.jsonl records (log_every=1)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    steps = [0]
+    for line in path.read_text().splitlines():
+        try:
+            steps.append(int(json.loads(line)["step"]))
+        except (ValueError, KeyError):
+            pass
+    return max(steps)
+
+
+def wait_until(pred, timeout: float, what: str, poll: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(poll)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def summary(run_dir: Path) -> dict:
+    s = json.loads((Path(run_dir) / "summary.json").read_text())
+    s.pop("wall_seconds")  # the only field that may differ between two equal runs
+    return s
+
+
+def model_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(Path(run_dir) / "model.pt", weights_only=True)["model"]
+
+
+def assert_same_model(a: Path, b: Path) -> None:
+    """Weights, masks (bool buffers) and every BatchNorm set's statistics, bit for bit."""
+    ma, mb = model_tensors(a), model_tensors(b)
+    assert ma.keys() == mb.keys()
+    assert any(k.endswith("masks") for k in ma) and any("running_mean" in k for k in ma)
+    diff = [k for k in ma if not torch.equal(ma[k], mb[k])]
+    assert not diff, f"tensors differ: {diff[:5]}"
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    assert summary(a) == summary(b)
+    assert_same_model(a, b)
+    assert (Path(a) / "metrics.jsonl").read_text() == (Path(b) / "metrics.jsonl").read_text()

@@ -1,0 +1,255 @@
+"""Checkpoints and resume (DESIGN §4, issue 5).
+
+- kill -9 at a random step after a checkpoint, rerun the same command: summary.json,
+  metrics.jsonl and every weight, mask and BatchNorm statistic equal the uninterrupted
+  run bit for bit (CPU, one rank; tests/test_preemption.py does two ranks and 2 -> 1).
+- a crash in the middle of writing leaves the previous checkpoint, which resume uses;
+- a corrupted, foreign or mismatched checkpoint fails with a message naming the problem
+  and writes nothing;
+- the pieces: RNG states as tensors, keep-K, metrics truncation, the safe unpickler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.distributed.checkpoint.api import CheckpointException
+
+from dist_ast.checkpoint import (
+    CheckpointError,
+    _MetadataUnpickler,
+    complete_checkpoints,
+    rng_state,
+    set_rng_state,
+    truncate_metrics,
+)
+
+try:
+    from tests import ckpt_utils as cu
+except ImportError:  # plain `pytest` without the repo root on sys.path
+    import ckpt_utils as cu
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted 24-step run, with checkpoints at 8, 16, 24."""
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    cu.run_train(run_dir)
+    return run_dir
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_kill9_then_same_command_resumes_bit_exact(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    kill_after = random.Random().randint(9, 20)  # some step after the step-8 checkpoint
+    proc = subprocess.Popen(
+        cu.train_cmd(run_dir),
+        cwd=cu.REPO,
+        env=cu.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        cu.wait_until(
+            lambda: cu.last_step(run_dir) >= kill_after or proc.poll() is not None,
+            timeout=240,
+            what=f"step {kill_after}",
+            poll=0.02,
+        )
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = cu.last_step(run_dir)
+    assert not (run_dir / "summary.json").exists()
+    newest = complete_checkpoints(run_dir)[-1][0]
+    assert 8 <= newest <= killed_at
+
+    r = cu.run_train(run_dir)  # the same command
+    assert f"resumed from {run_dir / 'checkpoints' / f'step-{newest}'}" in r.stdout + r.stderr
+    cu.assert_same_run(reference, run_dir)
+
+
+@pytest.mark.slow
+def test_crash_mid_write_keeps_previous_checkpoint(reference, tmp_path, monkeypatch):
+    """The second save dies half-way through writing its shards (in-process, so the
+    failure point is exact); the folder stays .tmp-, resume takes step-8 and the run
+    still ends equal to the uninterrupted one."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from dist_ast.cli import compose_config
+    from dist_ast.train import run
+
+    run_dir = tmp_path / "run"
+    config = compose_config([*cu.SHORT, f"run_dir={run_dir}"])
+    real_write = FileSystemWriter.write_data
+    calls = {"n": 0}
+
+    def dying_write(self, plan, planner):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            # a partial shard on disk, then the process "dies"
+            (Path(self.path) / "__0_0.distcp").write_bytes(b"\x00" * 1000)
+            raise _Crash("simulated crash while writing step 16")
+        return real_write(self, plan, planner)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", dying_write)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): same float sums
+    try:
+        with pytest.raises(CheckpointException, match="simulated crash"):  # DCP wraps it
+            run(config)
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.undo()
+    ckpts = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == [".tmp-step-16", "step-8"]
+    assert [s for s, _ in complete_checkpoints(run_dir)] == [8]
+
+    cu.run_train(run_dir)  # the same command, as a fresh process
+    cu.assert_same_run(reference, run_dir)
+    assert not list(ckpts.glob(".tmp-*")), "the next save clears crashed leftovers"
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _corrupt_truncated_shard(ck: Path) -> None:
+    shard = ck / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+
+
+def _corrupt_metadata_garbage(ck: Path) -> None:
+    (ck / ".metadata").write_bytes(b"this is not a pickle")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/dist_ast_pwned",))
+
+
+def _corrupt_metadata_evil(ck: Path) -> None:
+    (ck / ".metadata").write_bytes(pickle.dumps(_Evil()))
+
+
+def _corrupt_meta_json(ck: Path) -> None:
+    (ck / "meta.json").write_text("{ not json")
+
+
+def _foreign_model(ck: Path) -> None:
+    meta = json.loads((ck / "meta.json").read_text())
+    meta["model"] = "resnet50"
+    (ck / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("damage", "overrides", "message"),
+    [
+        (_corrupt_truncated_shard, [], "corrupted or unreadable"),
+        (_corrupt_metadata_garbage, [], ".metadata does not load"),
+        (_corrupt_metadata_evil, [], "refusing to unpickle posix.system"),
+        (_corrupt_meta_json, [], "meta.json does not parse"),
+        (_foreign_model, [], "model: checkpoint has 'resnet50', this run has 'tiny_cnn'"),
+        (None, ["ast.sparsities=[0.5,0.9]"], "num_subnets: checkpoint has 3, this run has 2"),
+    ],
+    ids=[
+        "truncated-shard",
+        "garbage-metadata",
+        "evil-pickle",
+        "bad-meta-json",
+        "other-model",
+        "other-subnet-count",
+    ],
+)
+def test_bad_checkpoint_fails_clearly_and_writes_nothing(
+    reference, tmp_path, damage, overrides, message
+):
+    from dist_ast.cli import compose_config
+    from dist_ast.train import run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    for p in ("summary.json", "model.pt"):
+        (run_dir / p).unlink()
+    for step in (8, 24):  # resume=auto picks step-16, the damaged one
+        shutil.rmtree(run_dir / "checkpoints" / f"step-{step}")
+    if damage is not None:
+        damage(run_dir / "checkpoints" / "step-16")
+    before = _snapshot(run_dir)
+    pwned = Path("/tmp/dist_ast_pwned")
+    pwned.unlink(missing_ok=True)
+    config = compose_config([*cu.SHORT, f"run_dir={run_dir}", *overrides])
+    with pytest.raises(CheckpointError) as err:
+        run(config)
+    assert message in str(err.value)
+    assert "step-16" in str(err.value)
+    assert _snapshot(run_dir) == before, "a failed resume must not write anything"
+    assert not pwned.exists()
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def test_rng_states_round_trip_as_tensors():
+    torch.manual_seed(1)
+    random.seed(2)
+    np.random.seed(3)
+    random.gauss(0, 1)  # a cached gaussian is part of Python's state
+    np.random.standard_normal()
+    state = rng_state(torch.device("cpu"))
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    expect = (torch.rand(3), random.random(), random.gauss(0, 1), np.random.rand())
+    torch.manual_seed(99)
+    random.seed(99)
+    np.random.seed(99)
+    set_rng_state(state, torch.device("cpu"))
+    got = (torch.rand(3), random.random(), random.gauss(0, 1), np.random.rand())
+    assert torch.equal(expect[0], got[0]) and expect[1:] == got[1:]
+
+
+def test_restricted_unpickler_refuses_code():
+    data = pickle.dumps(_Evil())
+    with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle"):
+        _MetadataUnpickler(io.BytesIO(data)).load()
+
+
+def test_truncate_metrics_drops_records_after_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s}) for s in (1, 2, 3, 4)] + ['{"step": 5, "lo']  # cut by kill
+    path.write_text("\n".join(lines) + "\n")
+    assert truncate_metrics(path, 2) == 3
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
+
+
+def test_keep_last_k_and_listing(reference):
+    # keep=3 by default: 8, 16 and 24 all survive; only complete step-N folders count
+    assert [s for s, _ in complete_checkpoints(reference)] == [8, 16, 24]
+    meta = json.loads((reference / "checkpoints" / "step-24" / "meta.json").read_text())
+    assert meta["step"] == 24 and meta["model"] == "tiny_cnn" and meta["num_subnets"] == 3
+    assert meta["config"]["checkpoint"]["every_steps"] == 8
