@@ -217,6 +217,7 @@ class TrainConfig:
     eval_every: int = 0  # steps; 0 = only at the end
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True  # rich progress bar on rank 0
+    tensorboard: bool = True  # scalars of metrics.jsonl also in run_dir/tb (rank 0)
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, "train.epochs", self.epochs, "must be > 0")

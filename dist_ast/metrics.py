@@ -3,25 +3,73 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+log = logging.getLogger(__name__)
+
+
+def tensorboard_scalars(record: dict) -> dict[str, float]:
+    """The scalars of one metrics.jsonl record, named for TensorBoard: ``train/loss``,
+    ``sparsity/subnet_k``, ``eval/top1/subnet_k``, ``gc/conflict_fraction`` …"""
+    out: dict[str, float] = {}
+    for key, value in record.items():
+        if key in ("step", "subnet", "mask_update"):
+            continue
+        if key == "eval" and isinstance(value, list):
+            for r in value:
+                for metric in ("top1", "top5"):
+                    if metric in r:
+                        out[f"eval/{metric}/subnet_{r['index']}"] = float(r[metric])
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                if isinstance(v, int | float) and not isinstance(v, bool):
+                    out[f"{key}/subnet_{i}"] = float(v)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[f"train/{key}"] = float(value)
+    if record.get("gc_checked"):
+        out["gc/conflict_fraction"] = record["gc_conflicts"] / record["gc_checked"]
+    return out
+
 
 class MetricsWriter:
-    """Appends one JSON object per line; flushed at once so a killed run keeps its log."""
+    """Appends one JSON object per line; flushed at once so a killed run keeps its log.
 
-    def __init__(self, path: Path, enabled: bool = True) -> None:
+    With ``tensorboard`` the same scalars also go to TensorBoard event files in
+    ``<run_dir>/tb`` (``tensorboard --logdir <run_dir>/tb``). Rank 0 only: the other
+    ranks build a disabled writer.
+    """
+
+    def __init__(self, path: Path, enabled: bool = True, tensorboard: bool = True) -> None:
         self.path, self.enabled = Path(path), enabled
+        self._tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError as e:  # tensorboard is a dependency; say so if missing
+                    log.warning("TensorBoard scalars off: %s (pip install tensorboard)", e)
+                else:
+                    self._tb = SummaryWriter(log_dir=str(self.path.parent / "tb"))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self._tb is not None and "step" in record:
+            for name, value in tensorboard_scalars(record).items():
+                self._tb.add_scalar(name, value, global_step=record["step"])
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 def summary_table(summary: dict) -> Table:

@@ -10,7 +10,7 @@ Two formats are accepted by :func:`load_model_state`:
   entries are those under ``model.`` (or ``model/``); the config comes from the
   checkpoint when it holds one, else from ``config.json`` of the run folder.
 
-A run folder may be given too: its newest complete checkpoint, else its ``model.pt``.
+A run folder may be given too: its ``model.pt``, or a newer complete checkpoint.
 """
 
 from __future__ import annotations
@@ -52,17 +52,20 @@ def _newest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The file or DCP folder that ``path`` names (a run folder resolves to its newest
-    checkpoint, else its model.pt)."""
+    """The file or DCP folder that ``path`` names. A run folder resolves to its model.pt
+    (written when training ends) unless a checkpoint is newer, else its newest checkpoint."""
     p = Path(path)
     if p.is_file() or (p / ".metadata").exists():
         return p
     if p.is_dir():
         newest = _newest_checkpoint(p)
+        final = p / MODEL_FILE
+        if final.is_file() and (
+            newest is None or final.stat().st_mtime >= (newest / ".metadata").stat().st_mtime
+        ):
+            return final  # the end of training (newer than any checkpoint)
         if newest is not None:
             return newest
-        if (p / MODEL_FILE).is_file():
-            return p / MODEL_FILE
     raise FileNotFoundError(
         f"no checkpoint at {p}: give run_dir/{MODEL_FILE}, a run_dir/checkpoints/step-<N> "
         "folder, or a run folder holding one of them"

@@ -383,7 +383,9 @@ def build_trainer(config: RunConfig, dist_info: DistInfo) -> Trainer:
         updater=updater,
         gc=GradientCorrection(enabled=config.ast.gradient_correction),
         flops=TrainingFlops.measure(model, sample, batch_size=t.batch_size),
-        metrics=MetricsWriter(run_dir / "metrics.jsonl", enabled=dist_info.is_main),
+        metrics=MetricsWriter(
+            run_dir / "metrics.jsonl", enabled=dist_info.is_main, tensorboard=t.tensorboard
+        ),
         scaler=torch.amp.GradScaler(dist_info.device.type)
         if t.precision == "fp16" and config.engine.name == "ddp"
         else None,
@@ -409,6 +411,7 @@ def run(config: RunConfig) -> dict:
                 truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
         start = time.perf_counter()
         summary = trainer.fit()
+        trainer.metrics.close()
         summary["wall_seconds"] = round(time.perf_counter() - start, 3)
         if dist_info.is_main:
             tmp = run_dir / "summary.json.tmp"

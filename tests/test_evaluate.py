@@ -52,8 +52,8 @@ def test_cli_matches_the_training_summary(run_dir, tmp_path):
 
 
 def test_dcp_checkpoint_loads_the_same_model(run_dir):
-    ckpt = resolve_checkpoint(run_dir)  # the newest complete step-N folder
-    assert ckpt.name == "step-24" and ckpt.is_dir()
+    assert resolve_checkpoint(run_dir) == run_dir / "model.pt"  # written after step-24
+    ckpt = run_dir / "checkpoints" / "step-24"
     config_dcp, dcp_state = load_model_state(ckpt)
     config_pt, pt_state = load_model_state(run_dir / "model.pt")
     assert config_dcp == config_pt
