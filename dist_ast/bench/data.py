@@ -115,10 +115,17 @@ def measure(make: Callable[[], Iterator[Any]], batches: int) -> tuple[float, flo
     return n / (t2 - t1), t1 - t0
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Benchmark rows: {"loader", "device", "workers", "images_per_s", "ratio", ...}."""
+def run(args: argparse.Namespace | dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Benchmark rows: {"loader", "device", "workers", "images_per_s", "ratio", ...}.
+    ``args``: any subset of this module's command-line options (a Namespace or dict,
+    attribute names as argparse spells them); the rest take their defaults."""
     from dist_ast.data.dali import DaliTrainLoader, dali_available
     from dist_ast.data.wds import WdsTrainLoader
+
+    opts = vars(parser().parse_args([]))
+    given = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    opts.update({k: v for k, v in given.items() if k in opts and v is not None})
+    args = argparse.Namespace(**opts)
 
     cache = Path(args.cache)
     tree = make_jpegs(cache, args.images)

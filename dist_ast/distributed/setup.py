@@ -1,16 +1,35 @@
 """Process-group setup from the launcher's environment: one process per GPU (or per CPU
-core group), NCCL on GPUs, gloo on CPU, world size 1 with no launcher at all."""
+core group), NCCL on GPUs, gloo on CPU, world size 1 with no launcher at all.
+
+Three launchers describe a job, in this order of precedence:
+
+1. ``torchrun`` (also ``srun torchrun``): ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` and
+   ``MASTER_ADDR``/``MASTER_PORT`` are already set; we use them as they are.
+2. submitit (``SUBMITIT_EXECUTOR`` set): ``submitit.helpers.TorchDistributedEnvironment``
+   exports the same variables from its job environment.
+3. Slurm (``srun python -m dist_ast.train`` with one task per GPU): ``SLURM_PROCID``,
+   ``SLURM_NTASKS``, ``SLURM_LOCALID``; the head node is the first host of
+   ``SLURM_JOB_NODELIST`` and the port is derived from ``SLURM_JOB_ID``, so every task
+   computes the same rendezvous address without talking to the others.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
+import subprocess
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
+SLURM_PORT_BASE = 20000  # MASTER_PORT = base + job id mod span, when none is given
+SLURM_PORT_SPAN = 20000
 
 
 @dataclass(frozen=True)
@@ -29,20 +48,137 @@ class DistInfo:
         return self.world_size > 1
 
 
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What the launcher told this process: where it sits and where to meet the others."""
+
+    launcher: str  # torchrun | submitit | slurm | none
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str | None = None
+    master_port: int | None = None
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Slurm's compressed host list → host names, e.g. ``gpu[01-03,7],cpu1`` →
+    ``[gpu01, gpu02, gpu03, gpu7, cpu1]`` (zero padding kept, as ``scontrol show
+    hostnames`` does). Used when ``scontrol`` is not on the PATH."""
+    hosts: list[str] = []
+    # Split on commas that are not inside brackets.
+    for item in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,\[]*", nodelist):
+        item = item.strip()
+        if not item:
+            continue
+        m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", item)
+        if not m:
+            hosts.append(item)
+            continue
+        prefix, ranges, suffix = m.groups()
+        for part in ranges.split(","):
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                width = len(lo)
+                hosts.extend(f"{prefix}{i:0{width}d}{suffix}" for i in range(int(lo), int(hi) + 1))
+            else:
+                hosts.append(f"{prefix}{part}{suffix}")
+    return hosts
+
+
+def slurm_head_node(nodelist: str) -> str:
+    """The first host of ``SLURM_JOB_NODELIST``: ``scontrol show hostnames`` when Slurm's
+    client is installed (it knows every syntax), our parser otherwise."""
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(
+                ["scontrol", "show", "hostnames", nodelist],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=30,
+            ).stdout.split()
+            if out:
+                return out[0]
+        except (subprocess.SubprocessError, OSError) as e:
+            log.warning("scontrol show hostnames failed (%s); parsing the node list", e)
+    hosts = expand_nodelist(nodelist)
+    if not hosts:
+        raise RuntimeError(f"cannot find a head node in SLURM_JOB_NODELIST={nodelist!r}")
+    return hosts[0]
+
+
+def slurm_port(job_id: str | int) -> int:
+    """Same port on every task of a job; different jobs on one node rarely collide."""
+    return SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN
+
+
+def detect_launch(env: Mapping[str, str] | None = None) -> LaunchEnv:
+    """Read the launcher's variables (no side effects; see module docstring for the order)."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        port = env.get("MASTER_PORT")
+        return LaunchEnv(
+            "torchrun",
+            int(env["RANK"]),
+            int(env["WORLD_SIZE"]),
+            int(env.get("LOCAL_RANK", "0")),
+            env.get("MASTER_ADDR"),
+            int(port) if port else None,
+        )
+    if env.get("SUBMITIT_EXECUTOR"):
+        from submitit.helpers import TorchDistributedEnvironment
+
+        t = TorchDistributedEnvironment()
+        return LaunchEnv(
+            "submitit", t.rank, t.world_size, t.local_rank, t.master_addr, t.master_port
+        )
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        port = env.get("MASTER_PORT")
+        return LaunchEnv(
+            "slurm",
+            int(env["SLURM_PROCID"]),
+            int(env["SLURM_NTASKS"]),
+            int(env.get("SLURM_LOCALID", "0")),
+            env.get("MASTER_ADDR") or slurm_head_node(env["SLURM_JOB_NODELIST"]),
+            int(port) if port else slurm_port(env.get("SLURM_JOB_ID", "0")),
+        )
+    return LaunchEnv("none", 0, 1, 0)
+
+
+def export_launch(launch: LaunchEnv, env: MutableMapping[str, str] | None = None) -> None:
+    """Write the variables ``init_process_group(init_method='env://')`` reads."""
+    env = os.environ if env is None else env
+    env["RANK"] = str(launch.rank)
+    env["WORLD_SIZE"] = str(launch.world_size)
+    env["LOCAL_RANK"] = str(launch.local_rank)
+    if launch.master_addr is not None:
+        env["MASTER_ADDR"] = launch.master_addr
+    if launch.master_port is not None:
+        env["MASTER_PORT"] = str(launch.master_port)
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the process group the launcher describes (torchrun's RANK/WORLD_SIZE)."""
+    """Join the process group the launcher describes (torchrun, submitit or Slurm)."""
+    launch = detect_launch()
+    if launch.world_size > 1:
+        export_launch(launch)
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world_size, local_rank = launch.rank, launch.world_size, launch.local_rank
     if use_cuda:
+        local_rank = local_rank % max(1, torch.cuda.device_count())
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        log.info("rank %d/%d joined (%s)", rank, world_size, dist.get_backend())
+        log.info(
+            "rank %d/%d joined (%s, launched by %s)",
+            rank,
+            world_size,
+            dist.get_backend(),
+            launch.launcher,
+        )
     return DistInfo(rank, world_size, local_rank, dev)
 
 

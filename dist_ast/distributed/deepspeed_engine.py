@@ -1,0 +1,396 @@
+"""DeepSpeed as the second engine (``engine=deepspeed``, ZeRO stage 0, 1 or 2) with the
+same AST semantics as the DDP path.
+
+The difficulty: under ZeRO-1/2 (and bf16/fp16 at any stage) the optimizer DeepSpeed
+calls does not see the model's parameters but flat fp32 partitions (each rank owns one
+slice of the concatenation of a parameter group), and it is called once per group.
+Our choice: **masks as flat partitions**. The client optimizer is
+:class:`PartitionMaskedSGD`, a :class:`~dist_ast.sparsity.optim.MaskedSGD` that, inside
+``step()``, works on exactly the tensors DeepSpeed hands it:
+
+1. it maps each model parameter to the fragment of the flat partition it owns
+   (DeepSpeed's own ``_hp_mapping``: the fragment's start in the parameter and in the
+   partition; identity for ZeRO-0 fp32, where the optimizer holds the parameters),
+2. builds the flat masks of the active sub-net over that partition (cached per sub-net,
+   rebuilt after a mask update): m_k for sparse weights, row k for switchable
+   BatchNorm, everything for the rest,
+3. masks the (all-reduced, averaged, unscaled) gradient to m_k,
+4. runs gradient correction on it; the partitions of different ranks are disjoint, so
+   g·ĝ and ‖ĝ‖² are sums of per-rank partial dot products, all-reduced as two scalars
+   (``reduce_group`` of :func:`~dist_ast.sparsity.gradient_correction.project_conflict`),
+5. applies the masked SGD update (momentum, nesterov, weight decay only inside the
+   update mask), so inactive weights and other sub-nets' BatchNorm rows do not move.
+
+On prune-and-regrow steps it also assembles the dense averaged gradient of the sparse
+weights (each rank fills the fragments it owns, one all-reduce) for rank 0's decision;
+rank 0 decides and broadcasts as in the DDP path. Newly grown weights are zeroed in the
+fp32 master partition and in the momentum too (``reset_state``), not only in the bf16
+copy. Plain torch SGD as client optimizer is refused: it would move every weight.
+
+All sparse weights must live in one optimizer parameter group (we build the groups:
+decay = every weight of ndim > 1, no decay = BatchNorm and biases), so that GC sees the
+whole sparse gradient in one call. Joint training is not supported by this engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from dist_ast.config import ConfigError, RunConfig
+from dist_ast.distributed.ddp import GradSync
+from dist_ast.distributed.mask_sync import verify_masks
+from dist_ast.distributed.setup import DistInfo
+from dist_ast.sparsity.gradient_correction import GradientCorrection
+from dist_ast.sparsity.layers import SwitchableBatchNorm2d
+from dist_ast.sparsity.model import SubnetModel
+from dist_ast.sparsity.optim import MaskedSGD
+
+log = logging.getLogger(__name__)
+
+
+def deepspeed_config(config: RunConfig, world_size: int) -> dict:
+    """The DeepSpeed config dict, built from our config (nothing is read from JSON)."""
+    t, e = config.train, config.engine
+    bucket = int(e.bucket_cap_mb * 2**20 / 4)  # elements
+    ds: dict = {
+        "train_batch_size": t.batch_size,
+        "train_micro_batch_size_per_gpu": t.batch_size // world_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,  # our PartitionMaskedSGD
+        "zero_optimization": {
+            "stage": e.zero_stage,
+            "reduce_bucket_size": bucket,
+            "allgather_bucket_size": bucket,
+            "overlap_comm": False,
+            "contiguous_gradients": True,
+        },
+    }
+    if t.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif t.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return ds
+
+
+@dataclass
+class _Segment:
+    """Model parameter ``param``'s elements [lp, lp+n) live at [hp, hp+n) of a flat tensor."""
+
+    param: torch.Tensor
+    lp: int
+    hp: int
+    n: int
+
+
+@dataclass
+class StepPlan:
+    """What one ``step()`` must do; set by :class:`DeepSpeedSync` before ``engine.step()``."""
+
+    subnet: int
+    group_start: bool
+    gc: GradientCorrection | None
+    capture_dense: bool
+    dense: list[torch.Tensor] | None = None  # filled on capture steps
+    conflicted: bool = False
+    ran: bool = False  # False when DeepSpeed skipped the step (fp16 overflow)
+
+
+class PartitionMaskedSGD(MaskedSGD):
+    """MaskedSGD that DeepSpeed may call on flat fp32 partitions (see module docstring)."""
+
+    def __init__(self, model: SubnetModel, params, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        self.model = model
+        self.plan: StepPlan | None = None
+        self.reduce_group: object | None = None  # set when gradients are partitioned
+        self.partitioned = False
+        self._segments: dict[int, list[_Segment]] = {}  # id(flat tensor) -> segments
+        self._sparse = {id(w): i for i, w in enumerate(model.sparse_weights())}
+        self._bn = {
+            id(p): p
+            for m in model.modules()
+            if isinstance(m, SwitchableBatchNorm2d)
+            for p in (m.weight, m.bias)
+        }
+        self._mask_cache: dict[tuple[int, int], tuple] = {}
+        self._sparse_group = self.param_groups[0]  # build_param_groups puts them all here
+
+    # -- layout -------------------------------------------------------------------------
+    def link(self, partitioned: bool, reduce_group: object | None) -> None:
+        """Map every tensor this optimizer steps to the model-parameter fragments in it.
+
+        Called once after ``deepspeed.initialize`` has replaced our parameters."""
+        self.partitioned, self.reduce_group = partitioned, reduce_group
+        self._segments.clear()
+        flats = {id(p): p for g in self.param_groups for p in g["params"]}
+        model_params = {id(p): p for p in self.model.parameters()}
+        for pid, p in flats.items():
+            if pid in model_params:  # ZeRO-0 fp32: the model's own parameters
+                self._segments[pid] = [_Segment(p, 0, 0, p.numel())]
+        for p in self.model.parameters():
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is None:
+                continue
+            frag = mapping.hp_fragment
+            for fid, flat in flats.items():
+                if frag.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr():
+                    self._segments.setdefault(fid, []).append(
+                        _Segment(
+                            p,
+                            mapping.lp_fragment_address.start,
+                            mapping.hp_fragment_address.start,
+                            mapping.hp_fragment_address.numel,
+                        )
+                    )
+                    break
+        unmapped = [p for pid, p in flats.items() if pid not in self._segments]
+        if unmapped:
+            raise RuntimeError(
+                "PartitionMaskedSGD cannot map DeepSpeed's flat parameters to the model "
+                "(no _hp_mapping): this DeepSpeed optimizer wrapper is not supported; use "
+                "engine.zero_stage=1 or 2 with bf16/fp16, or fp32 at any stage"
+            )
+        self._mask_cache.clear()
+
+    def masks_changed(self) -> None:
+        self._mask_cache.clear()
+
+    def _flat_masks(self, flat: torch.Tensor, k: int) -> tuple:
+        """(grad/update mask, GC mask) of sub-net k over ``flat``; None = all True / none."""
+        key = (id(flat), k)
+        if key in self._mask_cache:
+            return self._mask_cache[key]
+        segs = self._segments[id(flat)]
+        masks = self.model.masks(k)
+        update = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+        gc = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+        touched = has_sparse = False
+        for s in segs:
+            i = self._sparse.get(id(s.param))
+            if i is not None:
+                m = masks[i].reshape(-1)[s.lp : s.lp + s.n].to(flat.device)
+                update[s.hp : s.hp + s.n] = m
+                gc[s.hp : s.hp + s.n] = m
+                touched = has_sparse = True
+            elif id(s.param) in self._bn:
+                rows = torch.zeros_like(s.param, dtype=torch.bool)
+                rows[k] = True
+                update[s.hp : s.hp + s.n] = rows.reshape(-1)[s.lp : s.lp + s.n]
+                touched = True
+        out = (update.view_as(flat) if touched else None, gc.view_as(flat) if has_sparse else None)
+        self._mask_cache[key] = out
+        return out
+
+    # -- the step -----------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, update_masks=None, closure=None) -> None:  # type: ignore[override]
+        plan = self.plan
+        if plan is None:
+            raise RuntimeError(
+                "PartitionMaskedSGD.step() without a plan: under engine=deepspeed the trainer "
+                "sets the active sub-net before engine.step(); plain SGD would move every weight"
+            )
+        plan.ran = True
+        flats = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        masks = {id(p): self._flat_masks(p, plan.subnet) for p in flats}
+        if plan.capture_dense and any(g is self._sparse_group for g in self.param_groups):
+            plan.dense = self._dense_sparse_grads(flats)
+        for p in flats:
+            upd = masks[id(p)][0]
+            if upd is not None:
+                p.grad.mul_(upd)
+        if plan.gc is not None and any(g is self._sparse_group for g in self.param_groups):
+            gc_flats = [p for p in flats if masks[id(p)][1] is not None]
+            grads = [p.grad for p in gc_flats]
+            gc_masks = [masks[id(p)][1] for p in gc_flats]
+            if not grads:  # this rank's partition holds no sparse weight: still join the sum
+                grads = [torch.zeros(1, device=flats[0].device)]
+                gc_masks = [torch.zeros(1, dtype=torch.bool, device=flats[0].device)]
+            corrected, plan.conflicted = plan.gc(
+                grads, gc_masks, plan.group_start, reduce_group=self._gc_reduce_group()
+            )
+            for p, g in zip(gc_flats, corrected, strict=False):
+                p.grad = g
+        super().step({p: masks[id(p)][0] for p in flats if masks[id(p)][0] is not None})
+
+    def _gc_reduce_group(self) -> object | None:
+        if not self.partitioned:
+            return None
+        return self.reduce_group if self.reduce_group is not None else dist.group.WORLD
+
+    def _dense_sparse_grads(self, flats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Full averaged dense gradient of every sparse weight (before masking)."""
+        weights = self.model.sparse_weights()
+        out = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in weights]
+        for p in flats:
+            for s in self._segments[id(p)]:
+                i = self._sparse.get(id(s.param))
+                if i is not None:
+                    out[i].view(-1)[s.lp : s.lp + s.n] = p.grad.view(-1)[s.hp : s.hp + s.n]
+        if self.partitioned:
+            flat = torch.cat([o.view(-1) for o in out])
+            dist.all_reduce(flat, group=self._gc_reduce_group())  # type: ignore[arg-type]
+            offset = 0
+            for o in out:
+                o.view(-1).copy_(flat[offset : offset + o.numel()])
+                offset += o.numel()
+        return out
+
+    @torch.no_grad()
+    def reset_state(self, param: torch.Tensor, where: torch.Tensor) -> None:
+        """Zero a freshly grown weight in the fp32 master and its momentum."""
+        flat_where = where.reshape(-1)
+        for g in self.param_groups:
+            for p in g["params"]:
+                for s in self._segments.get(id(p), []):
+                    if s.param is not param:
+                        continue
+                    sel = flat_where[s.lp : s.lp + s.n].to(p.device)
+                    p.view(-1)[s.hp : s.hp + s.n].masked_fill_(sel, 0.0)
+                    buf = self.state.get(p, {}).get("momentum_buffer")
+                    if buf is not None:
+                        buf.view(-1)[s.hp : s.hp + s.n].masked_fill_(sel, 0.0)
+
+
+@dataclass
+class DeepSpeedSync(GradSync):
+    """The trainer's step under DeepSpeed: backward, all-reduce and the masked step."""
+
+    engine: object = None
+    optimizer: PartitionMaskedSGD | None = None
+    comm_bytes: list[int] = field(default_factory=list)
+    owns_step = True
+
+    def update_masks(self, updater, k, step, dense_grads, optimizer) -> int:  # noqa: ANN001
+        reset = super().update_masks(updater, k, step, dense_grads, optimizer)
+        assert self.optimizer is not None
+        self.optimizer.masks_changed()
+        return reset
+
+    def train_step(self, trainer, x: torch.Tensor, y: torch.Tensor, lr: float, updating) -> dict:  # noqa: ANN001
+        """One AST step (alternating) through the DeepSpeed engine; same record as DDP's."""
+        step, schedule, model = trainer.step, trainer.schedule, self.model
+        engine, opt = self.engine, self.optimizer
+        assert opt is not None
+        k = schedule.active_subnet(step)
+        opt.plan = StepPlan(
+            subnet=k,
+            group_start=schedule.is_group_start(step),
+            gc=trainer.gc if model.num_subnets > 1 else None,
+            capture_dense=bool(updating),
+        )
+        model.set_subnet(k)
+        with trainer.autocast():
+            logits = engine(x.to(next(model.parameters()).dtype))
+            loss = F.cross_entropy(
+                logits.float(), y, label_smoothing=trainer.config.optim.label_smoothing
+            )
+        engine.backward(loss)
+        engine.step()
+        plan, opt.plan = opt.plan, None
+        self.end_step()
+        for j in updating:
+            dense = plan.dense
+            if not plan.ran:
+                log.warning(
+                    "step %d skipped by DeepSpeed (overflow): sub-net %d only prunes", step, j
+                )
+            reset = self.update_masks(trainer.updater, j, step, dense, opt)
+            trainer.mask_updates.append({"step": step, "subnet": j, "reset": reset})
+        if updating:
+            trainer.flops.refresh(model)
+        trainer.flops.add_step([k])
+        return {
+            "loss": float(loss.detach()),
+            "lr": lr,
+            "subnet": k,
+            "mask_update": updating or None,
+            "gc_conflict": plan.conflicted,
+            "comm_bytes": None,
+        }
+
+
+def build_param_groups(model: SubnetModel, weight_decay: float) -> list[dict]:
+    """Decay on every weight of ndim > 1 (all sparse weights in this one group), none on
+    BatchNorm and biases: the same split as :meth:`SubnetModel.param_groups`."""
+    groups = model.param_groups(weight_decay)
+    sparse = {id(w) for w in model.sparse_weights()}
+    assert all(id(p) in {id(q) for q in groups[0]["params"]} for p in model.sparse_weights())
+    assert not any(id(p) in sparse for p in groups[1]["params"])
+    return groups
+
+
+def _init_single_process_group() -> None:
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def wrap_deepspeed(
+    model: SubnetModel, optimizer: MaskedSGD, dist_info: DistInfo, config: RunConfig
+) -> tuple[torch.nn.Module, DeepSpeedSync, PartitionMaskedSGD]:
+    """``deepspeed.initialize`` with our optimizer; returns (engine, step plumbing, optimizer)."""
+    if config.ast.mode == "joint":
+        raise ConfigError(
+            "invalid engine.name='deepspeed' with ast.mode=joint: joint training needs N "
+            "backward passes per step; use engine=ddp"
+        )
+    try:
+        import deepspeed
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ConfigError(
+            "invalid engine.name='deepspeed': DeepSpeed is not installed "
+            "(pip install 'dist_ast[deepspeed]')"
+        ) from e
+    o = config.optim
+    defaults = optimizer.defaults
+    client = PartitionMaskedSGD(
+        model,
+        build_param_groups(model, o.weight_decay),
+        lr=defaults["lr"],
+        momentum=defaults["momentum"],
+        nesterov=defaults["nesterov"],
+    )
+    if config.engine.zero_stage == 0 and config.train.precision != "fp32":
+        raise ConfigError(
+            f"invalid engine.zero_stage=0 with train.precision={config.train.precision}: "
+            "DeepSpeed's stage-0 mixed-precision wrapper keeps unmapped flat fp32 copies; "
+            "use engine.zero_stage=1 or 2 (same memory as DDP's fp32 master weights or less)"
+        )
+    if not dist.is_initialized():  # one process: DeepSpeed still wants a process group
+        _init_single_process_group()
+    engine, ds_opt, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=client,
+        config=deepspeed_config(config, dist_info.world_size),
+        dist_init_required=False,
+    )
+    partitioned = engine.zero_optimization_stage() > 0
+    client.link(partitioned=partitioned, reduce_group=getattr(ds_opt, "dp_process_group", None))
+    verify_masks(model)
+    sync = DeepSpeedSync(model, dist_info, engine=engine, optimizer=client)
+    log.info(
+        "DeepSpeed ZeRO-%d (%s), optimizer %s over %s",
+        engine.zero_optimization_stage(),
+        config.train.precision,
+        type(ds_opt).__name__,
+        "flat partitions" if partitioned else "the model's parameters",
+    )
+    return engine, sync, client
