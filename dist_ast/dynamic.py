@@ -62,6 +62,11 @@ class DynamicModel(nn.Module):
         return [self.model.sparsity(k) for k in range(self.num_subnets)]
 
     @torch.no_grad()
+    def dense_flops(self, sample: torch.Tensor) -> int:
+        """Forward FLOPs per sample of the dense model (no layer scaled)."""
+        return sum(layer_forward_flops(self.model.net, sample[:1]).values())
+
+    @torch.no_grad()
     def subnet_flops(self, sample: torch.Tensor) -> list[int]:
         """Forward FLOPs per sample of each sub-net, every layer scaled by its density
         (what a kernel that skips zeros would do)."""

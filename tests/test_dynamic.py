@@ -62,6 +62,7 @@ def test_choose_subnet_from_budget(checkpoint):
     dyn = DynamicModel.from_checkpoint(checkpoint[2])
     flops = dyn.subnet_flops(torch.zeros(1, 3, 32, 32))
     assert flops[0] > flops[1] > flops[2]  # sparser sub-nets cost less
+    assert dyn.dense_flops(torch.zeros(1, 3, 32, 32)) > flops[0]
     assert dyn.choose_subnet(flops[0], flops) == 0
     assert dyn.choose_subnet(flops[1] + 1, flops) == 1 and dyn.subnet == 1
     assert dyn.choose_subnet(flops[2], flops) == 2
