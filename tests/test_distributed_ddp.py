@@ -216,6 +216,8 @@ def _train_worker(rank, world, port, out: str, engine: str, stages, norm: str, d
             config = make_config(engine, stage)
             trainer = build(config, info, norm, dtype, Path(out))
             state = train(trainer, rank, world, dtype)
+            state["wrapper"] = type(getattr(trainer.ddp_model, "optimizer", None)).__name__
+            state["partitioned"] = getattr(trainer.optimizer, "partitioned", None)
             torch.save(state, Path(out) / f"{engine}{stage}_rank{rank}.pt")
     finally:
         dist.destroy_process_group()
