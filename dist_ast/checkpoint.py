@@ -365,24 +365,33 @@ def trainer_state(trainer: Trainer) -> dict[str, Any]:
 # --------------------------------------------------------------------------- saving
 
 
-def engine_save(trainer: Trainer, folder: Path) -> None:
-    """The engine's own checkpoint beside the AST state (engine=deepspeed).
+def _engine(trainer: Trainer) -> Any:
+    """The DeepSpeed engine when engine=deepspeed (``trainer.sync.engine``), else None."""
+    return getattr(getattr(trainer, "sync", None), "engine", None)
 
-    DeepSpeed's ``save_checkpoint(dir, tag, client_state)`` must run on every rank; it is
-    called here once the distributed engine exposes ``trainer.engine`` (issue 3)."""
-    engine = getattr(trainer, "engine", None)
+
+def engine_save(trainer: Trainer, folder: Path) -> None:
+    """The engine's own checkpoint beside the AST state (engine=deepspeed): its flat fp32
+    partitions and their momentum live in DeepSpeed's format, ``folder/deepspeed/engine``.
+    ``save_checkpoint`` is collective: every rank calls it (and it ends in a barrier)."""
+    engine = _engine(trainer)
     if engine is not None and hasattr(engine, "save_checkpoint"):
-        engine.save_checkpoint(str(folder / "deepspeed"), tag="engine")
+        engine.save_checkpoint(str(folder / "deepspeed"), tag="engine", save_latest=False)
 
 
 def engine_load(trainer: Trainer, folder: Path) -> None:
-    engine = getattr(trainer, "engine", None)
-    if (
-        engine is not None
-        and hasattr(engine, "load_checkpoint")
-        and (folder / "deepspeed").is_dir()
-    ):
-        engine.load_checkpoint(str(folder / "deepspeed"), tag="engine")
+    """Restore the engine's optimizer partitions after the AST state (the module weights
+    it also loads are the same values). Resharding to another world size is DeepSpeed's:
+    ZeRO-1/2 checkpoints load on the world size they were written with."""
+    engine = _engine(trainer)
+    if engine is None or not hasattr(engine, "load_checkpoint"):
+        return
+    if not (folder / "deepspeed").is_dir():
+        raise CheckpointError(
+            f"checkpoint {folder} has no deepspeed/ folder: it was written by engine=ddp and "
+            "cannot restore DeepSpeed's optimizer state"
+        )
+    engine.load_checkpoint(str(folder / "deepspeed"), tag="engine")
 
 
 def _meta(trainer: Trainer) -> dict:
@@ -454,6 +463,7 @@ class Checkpointer:
         meta = _meta(t)
         start = time.perf_counter()
         if self.cfg.async_save and not block:
+            engine_save(t, tmp)  # DeepSpeed's own save is synchronous
             fut = dcp.async_save(
                 state,
                 checkpoint_id=str(tmp),

@@ -45,8 +45,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def merged(*overrides: str) -> list[str]:
+    """SHORT with ``overrides`` on top (a later key replaces an earlier one: Hydra refuses
+    the same key twice)."""
+    out: dict[str, str] = {}
+    for o in (*SHORT, *overrides):
+        out[o.split("=", 1)[0]] = o
+    return list(out.values())
+
+
 def train_cmd(run_dir: Path, *overrides: str) -> list[str]:
-    return [PY, "-m", "dist_ast.train", *SHORT, f"run_dir={run_dir}", *overrides]
+    return [PY, "-m", "dist_ast.train", *merged(f"run_dir={run_dir}", *overrides)]
 
 
 def run_train(run_dir: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
