@@ -1,0 +1,160 @@
+"""Distributed plumbing without a process group: launcher detection, Slurm node lists,
+bit-packed masks, checksums, the DeepSpeed config built from ours, hook planning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_ast.cli import compose_config
+from dist_ast.distributed.mask_sync import mask_checksum, pack_bits, unpack_bits
+from dist_ast.distributed.setup import (
+    detect_launch,
+    expand_nodelist,
+    export_launch,
+    slurm_head_node,
+    slurm_port,
+)
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "hosts"),
+    [
+        ("node1", ["node1"]),
+        ("gpu[01-03,7]", ["gpu01", "gpu02", "gpu03", "gpu7"]),
+        ("a[1-2],b5,c[09-10]", ["a1", "a2", "b5", "c09", "c10"]),
+        ("rack1-n[8-9]-ib", ["rack1-n8-ib", "rack1-n9-ib"]),
+    ],
+)
+def test_expand_nodelist(nodelist: str, hosts: list[str]) -> None:
+    assert expand_nodelist(nodelist) == hosts
+
+
+def test_slurm_head_node_without_scontrol(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert slurm_head_node("gpu[12-15]") == "gpu12"
+
+
+def test_detect_torchrun_wins_over_slurm() -> None:
+    env = {
+        "RANK": "3",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "h",
+        "MASTER_PORT": "29500",
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "2",
+        "SLURM_JOB_NODELIST": "x[1-2]",
+    }
+    launch = detect_launch(env)
+    assert (launch.launcher, launch.rank, launch.world_size, launch.local_rank) == (
+        "torchrun",
+        3,
+        8,
+        1,
+    )
+    assert (launch.master_addr, launch.master_port) == ("h", 29500)
+
+
+def test_detect_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_NODELIST": "gpu[03-06]",
+        "SLURM_JOB_ID": "123456",
+    }
+    launch = detect_launch(env)
+    assert (launch.launcher, launch.rank, launch.world_size, launch.local_rank) == (
+        "slurm",
+        5,
+        8,
+        1,
+    )
+    assert launch.master_addr == "gpu03"
+    assert launch.master_port == slurm_port(123456) == 20000 + 123456 % 20000
+    out: dict[str, str] = {}
+    export_launch(launch, out)
+    assert out == {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "gpu03",
+        "MASTER_PORT": str(slurm_port(123456)),
+    }
+
+
+def test_detect_single_task_slurm_and_no_launcher() -> None:
+    assert detect_launch({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).world_size == 1
+    launch = detect_launch({})
+    assert (launch.launcher, launch.world_size) == ("none", 1)
+
+
+def test_detect_submitit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import submitit.helpers
+
+    class FakeEnv:
+        rank, world_size, local_rank = 2, 4, 0
+        master_addr, master_port = "head", 31000
+
+    monkeypatch.setattr(submitit.helpers, "TorchDistributedEnvironment", FakeEnv)
+    launch = detect_launch({"SUBMITIT_EXECUTOR": "slurm", "SLURM_PROCID": "2"})
+    assert (launch.launcher, launch.rank, launch.world_size) == ("submitit", 2, 4)
+    assert (launch.master_addr, launch.master_port) == ("head", 31000)
+
+
+def test_bit_packing_roundtrip() -> None:
+    g = torch.Generator().manual_seed(0)
+    masks = [torch.rand(3, 5, generator=g) < 0.3, torch.rand(7, generator=g) < 0.9]
+    packed = pack_bits(masks)
+    assert packed.dtype == torch.uint8 and packed.numel() == (15 + 7 + 7) // 8
+    back = unpack_bits(packed, masks)
+    assert all(torch.equal(a, b) for a, b in zip(masks, back, strict=True))
+
+
+def test_checksum_sees_one_moved_weight() -> None:
+    m = torch.zeros(1000, dtype=torch.bool)
+    m[torch.arange(0, 1000, 7)] = True
+    moved = m.clone()
+    moved[7], moved[8] = False, True  # same count, one position moved
+    assert mask_checksum(m)[0] == mask_checksum(moved)[0]
+    assert mask_checksum(m) != mask_checksum(moved)
+    assert mask_checksum(m) == mask_checksum(m.clone())
+
+
+def test_deepspeed_config_from_ours() -> None:
+    from dist_ast.distributed.deepspeed_engine import deepspeed_config
+
+    cfg = compose_config(
+        ["engine=deepspeed", "engine.zero_stage=1", "train.precision=bf16", "train.batch_size=64"]
+    )
+    ds = deepspeed_config(cfg, world_size=4)
+    assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 16
+    assert ds["zero_optimization"]["stage"] == 1
+    assert ds["bf16"] == {"enabled": True} and "fp16" not in ds
+    assert ds["zero_allow_untested_optimizer"] is True
+    assert compose_config(["engine=deepspeed"]).engine.zero_stage == 2
+
+
+def test_hook_plan_falls_back_to_dense_above_threshold() -> None:
+    from dist_ast.distributed.comm_hook import MaskedAllReduceState
+    from dist_ast.sparsity.model import convert_to_subnets
+
+    net = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Linear(10, 2))
+    model = convert_to_subnets(net, 2)
+    m0 = [torch.rand(w.shape) < 0.2 for w in model.sparse_weights()]
+    model.set_masks(0, m0)
+    state = MaskedAllReduceState(model, max_density=0.6)
+    params = list(model.parameters())
+    buf = torch.zeros(sum(p.numel() for p in params))
+    plan = state.plan(0, buf, params, 0)
+    assert plan.compact
+    biases = sum(p.numel() for p in params if p.ndim == 1)
+    assert plan.active == sum(int(m.sum()) for m in m0) + biases
+    assert not state.plan(0, buf, params, 1).compact  # sub-net 1 is dense: plain all-reduce
+    # Cached until the masks change; rebuilt after.
+    assert state.plan(0, buf, params, 0) is plan
+    model.set_masks(0, [torch.ones_like(m) for m in m0])
+    state.masks_changed(0)
+    assert not state.plan(0, buf, params, 0).compact
