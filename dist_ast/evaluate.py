@@ -86,6 +86,20 @@ def sparsity_report(model: SubnetModel, k: int) -> dict:
     }
 
 
+def _data_config(base, overrides: list[str], compose):  # noqa: ANN001, ANN202
+    """The checkpoint's data config, or the ``data=<group>`` one, with ``data.key=value``
+    overrides on top."""
+    from omegaconf import OmegaConf
+
+    groups = [o for o in overrides if o.startswith("data=")]
+    keys = [o[len("data.") :] for o in overrides if o.startswith("data.")]
+    data = compose(groups).data if groups else base
+    if keys:
+        merged = OmegaConf.merge(OmegaConf.structured(data), OmegaConf.from_dotlist(keys))
+        data = OmegaConf.to_object(merged)
+    return data
+
+
 def evaluate_checkpoint(
     ckpt: str,
     data_overrides: list[str] | None = None,
@@ -104,7 +118,7 @@ def evaluate_checkpoint(
     dist_info = init_distributed(device)
     try:
         config, model = load_subnet_model(ckpt, dist_info.device)
-        data = compose_config(data_overrides).data if data_overrides else config.data
+        data = _data_config(config.data, data_overrides or [], compose_config)
         if batch_size % dist_info.world_size:
             raise ConfigError(
                 f"invalid batch_size={batch_size}: must divide over {dist_info.world_size} ranks"

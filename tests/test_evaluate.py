@@ -97,3 +97,15 @@ def test_two_ranks_give_the_one_rank_numbers(run_dir, tmp_path):
         assert a["samples"] == b["samples"]
         assert a["top1"] == pytest.approx(b["top1"], abs=1e-12)
         assert a["top5"] == pytest.approx(b["top5"], abs=1e-12)
+
+
+def test_data_overrides_apply_on_the_checkpoints_data():
+    from dist_ast.cli import compose_config
+    from dist_ast.config import DataConfig
+    from dist_ast.evaluate import _data_config
+
+    base = DataConfig(name="digits", image_size=40)
+    keep = _data_config(base, ["data.num_workers=0"], compose_config)
+    assert (keep.name, keep.image_size, keep.num_workers) == ("digits", 40, 0)
+    other = _data_config(base, ["data=cifar10", "data.root=/x"], compose_config)
+    assert (other.name, other.root) == ("cifar10", "/x")
