@@ -147,3 +147,25 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert summary(a) == summary(b)
     assert_same_model(a, b)
     assert (Path(a) / "metrics.jsonl").read_text() == (Path(b) / "metrics.jsonl").read_text()
+
+
+_REFERENCES: dict[int, Path] = {}
+
+
+def reference_run(world: int, tmp_path_factory) -> Path:  # noqa: ANN001 - pytest's factory
+    """The uninterrupted SHORT run on ``world`` ranks, made once per test session (the
+    preemption and the Slurm tests compare against the same 2-rank run)."""
+    if world not in _REFERENCES:
+        run_dir = tmp_path_factory.mktemp(f"ref{world}") / "run"
+        if world == 1:
+            run_train(run_dir)
+        else:
+            procs = spawn_ranks(run_dir, world, log_dir=run_dir.parent / "logs")
+            try:
+                codes = [p.wait(timeout=300) for p in procs]
+            finally:
+                for p in procs:
+                    p.kill()
+            assert codes == [0] * world, codes
+        _REFERENCES[world] = run_dir
+    return _REFERENCES[world]

@@ -45,9 +45,7 @@ except ImportError:  # plain `pytest` without the repo root on sys.path
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """The uninterrupted 24-step run, with checkpoints at 8, 16, 24."""
-    run_dir = tmp_path_factory.mktemp("ref") / "run"
-    cu.run_train(run_dir)
-    return run_dir
+    return cu.reference_run(1, tmp_path_factory)
 
 
 # --------------------------------------------------------------------------- end to end

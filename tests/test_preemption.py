@@ -44,10 +44,7 @@ def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
 
 @pytest.fixture(scope="module")
 def reference2(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("ref2") / "run"
-    procs = cu.spawn_ranks(run_dir, 2, log_dir=run_dir.parent / "logs")
-    assert _wait_all(procs, 300) == [0, 0]
-    return run_dir
+    return cu.reference_run(2, tmp_path_factory)
 
 
 @pytest.mark.slow
