@@ -241,3 +241,22 @@ def test_imagenet_recipe_shapes(photos: Path) -> None:
         ev = eval_loader(kind, photos, batch_size=8, image_size=48)
         x, y = next(iter(ev))
         assert x.shape == (8, 3, 48, 48)
+
+
+def test_bench_data_smoke(tmp_path: Path) -> None:
+    from dist_ast.bench.data import run
+
+    rows = run(
+        {
+            "images": 32,
+            "batch_size": 8,
+            "image_size": 64,
+            "workers": 0,
+            "rounds": 1,
+            "cache": str(tmp_path),
+        }
+    )
+    names = [r["loader"] for r in rows]
+    assert names[:2] == ["torchvision ImageFolder", "webdataset + torchvision"]
+    assert all(r["images_per_s"] > 0 and r["images_per_cpu_s"] > 0 for r in rows)
+    assert rows[0]["ratio"] == 1.0
