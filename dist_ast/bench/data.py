@@ -9,7 +9,7 @@ The JPEGs are crops of scikit-learn's two bundled photos (427x640), random sizes
 between 256 and 427 px a side (ImageNet's typical size), quality 90, written once to
 ``--cache`` as an ImageFolder tree and as shards. Each loader runs ``--rounds`` times,
 interleaved with the others (so a background load spike hits all of them); the table
-shows the best round's images/s, excluding start-up (worker fork, pipeline build) and
+shows the median round's images/s, excluding start-up (worker fork, pipeline build) and
 the first batch, and the ratio to ImageFolder; and images per CPU-second (this process's
 threads plus its DataLoader workers, from /proc), which other load on the machine does
 not distort.
@@ -21,6 +21,7 @@ import argparse
 import io
 import logging
 import os
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -195,7 +196,10 @@ def run(args: argparse.Namespace | dict[str, Any] | None = None) -> list[dict[st
     batches = max(1, args.batches or (args.images // B) - 1)
     runs: dict[str, list[dict[str, float]]] = {name: [] for name, _d, _m in candidates}
     for r in range(args.rounds):
-        for name, _dev, make in candidates:
+        # interleaved, the order rotated every round, so that drift in the machine's load
+        # hits every loader alike; ratios are paired by round (see dist_ast.bench.harness)
+        order = candidates[r % len(candidates) :] + candidates[: r % len(candidates)]
+        for name, _dev, make in order:
             m = measure(make, batches)
             runs[name].append(m)
             log.info(
@@ -206,31 +210,48 @@ def run(args: argparse.Namespace | dict[str, Any] | None = None) -> list[dict[st
                 m["images_per_cpu_s"],
                 m["startup_s"],
             )
-    # best round: the one least disturbed by other work on the machine
-    best = {k: max(v, key=lambda m: m["images_per_s"]) for k, v in runs.items()}
-    eff = {k: max(m["images_per_cpu_s"] for m in v) for k, v in runs.items()}
     base = candidates[0][0]
+
+    def med(xs: list[float]) -> float:
+        return statistics.median(xs)
+
+    def paired(name: str, key: str) -> float:
+        return med([a[key] / b[key] for a, b in zip(runs[name], runs[base], strict=True)])
+
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    global _LAST_LOAD, _LAST_SETUP
+    _LAST_LOAD = load
+    _LAST_SETUP = (
+        f"{W} workers/threads, batch {B}, {S} px, {args.images} training JPEGs, "
+        f"{batches} timed batches per run, {args.rounds} rounds"
+    )
     return [
         {
             "loader": name,
             "device": dev,
-            "workers": W,
-            "batch_size": B,
-            "image_size": S,
-            "images": args.images,
-            "batches": batches,
-            "rounds": args.rounds,
-            "images_per_s": round(best[name]["images_per_s"], 1),
-            "ratio": round(best[name]["images_per_s"] / best[base]["images_per_s"], 2),
-            "images_per_cpu_s": round(eff[name], 1),
-            "cpu_ratio": round(eff[name] / eff[base], 2),
-            "startup_s": round(best[name]["startup_s"], 2),
-            "cpus": os.cpu_count(),
-            "load_avg_1m": round(load, 2),
+            "images_per_s": round(med([m["images_per_s"] for m in runs[name]]), 1),
+            "ratio": round(paired(name, "images_per_s"), 2),
+            "images_per_cpu_s": round(med([m["images_per_cpu_s"] for m in runs[name]]), 1),
+            "cpu_ratio": round(paired(name, "images_per_cpu_s"), 2),
+            "startup_s": round(med([m["startup_s"] for m in runs[name]]), 2),
         }
         for name, dev, _ in candidates
     ]
+
+
+_LAST_LOAD = float("nan")
+_LAST_SETUP = ""
+TITLE = "Input pipelines: DALI vs webdataset vs torchvision ImageFolder (ImageNet recipe)"
+NOTES = (
+    "Same JPEGs (crops of scikit-learn's sample photos, 256-427 px a side), random-resized "
+    "crop 224 + flip + normalize, DataLoader workers = DALI threads. images/s: median of "
+    "interleaved rounds; ratios: median of per-round ratios to ImageFolder; img/CPU-s counts "
+    "this process's threads and its workers' CPU time, which other load does not distort."
+)
+
+
+def last_notes() -> str:
+    return f"{_LAST_SETUP}; 1-minute load average at the end: {_LAST_LOAD:.1f}."
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -239,14 +260,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
     if not rows:
         return
-    r0 = rows[0]
-    t = Table(
-        title=(
-            f"Input pipelines, ImageNet train recipe at {r0['image_size']} px, "
-            f"{r0['workers']} workers/threads, batch {r0['batch_size']}, "
-            f"{r0['cpus']} CPUs (load {r0['load_avg_1m']})"
-        )
-    )
+    t = Table(title=f"{TITLE}\n{last_notes()}")
     cols = ("loader", "device", "images/s", "× ImageFolder", "img/CPU-s", "× ImageFolder ")
     for col in (*cols, "start-up s"):
         t.add_column(col, justify="left" if col in ("loader", "device") else "right")
