@@ -89,7 +89,7 @@ def _pipeline(
             missing_component_behavior="error",
             shard_id=shard_id,
             num_shards=num_shards,
-            stick_to_shard=train,
+            stick_to_shard=True,  # every pass (and epoch) reads this rank's own slice
             random_shuffle=train,
             initial_fill=SHUFFLE_FILL,
             pad_last_batch=not train,
