@@ -10,13 +10,31 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+# Elements per fp64 chunk on CPU: the fp64 copies of a chunk stay in cache instead of
+# materializing two fp64 copies of every layer (that cost ~6 % of a ResNet-18 step).
+_CPU_CHUNK = 1 << 15
 
-def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    """Σ_l a_l·b_l accumulated in float64, so a corrected g is orthogonal to ĝ to ~1e-12."""
-    total = torch.zeros((), dtype=torch.float64, device=a[0].device if a else "cpu")
-    for x, y in zip(a, b, strict=True):
-        total += torch.dot(x.reshape(-1).double(), y.reshape(-1).double())
-    return total
+
+def conflict_stats(
+    grads: list[torch.Tensor], prev: list[torch.Tensor], masks: list[torch.Tensor]
+) -> torch.Tensor:
+    """[g·ĝ, ‖ĝ‖²] with ĝ = prev ⊙ m, in float64 (products of fp32 values are exact there).
+
+    One pass: each chunk is converted to fp64 once and both sums share it; ĝ is never
+    materialized. Equal to per-layer fp64 ``torch.dot`` sums up to the order of the fp64
+    additions (the accumulation is exact to ~1e-16 relative per addition either way).
+    """
+    device = grads[0].device if grads else torch.device("cpu")
+    dot = torch.zeros((), dtype=torch.float64, device=device)
+    norm_sq = torch.zeros((), dtype=torch.float64, device=device)
+    for g, p, m in zip(grads, prev, masks, strict=True):
+        g, p, m = g.reshape(-1), p.reshape(-1), m.reshape(-1)
+        step = _CPU_CHUNK if g.device.type == "cpu" else max(1, g.numel())
+        for i in range(0, g.numel(), step):
+            h = p[i : i + step].double().mul_(m[i : i + step])
+            dot += torch.dot(g[i : i + step].double(), h)
+            norm_sq += torch.dot(h, h)
+    return torch.stack([dot, norm_sq])
 
 
 def project_conflict(
@@ -32,15 +50,16 @@ def project_conflict(
     ``reduce_group`` the two partial scalars are all-reduced first (ZeRO-2, where each
     rank holds a partition of the gradient).
     """
-    g_hat = [p * m for p, m in zip(prev, masks, strict=True)]
-    stats = torch.stack([_dot(grads, g_hat), _dot(g_hat, g_hat)])
+    stats = conflict_stats(grads, prev, masks)
     if reduce_group is not None:
         dist.all_reduce(stats, group=reduce_group)  # type: ignore[arg-type]
     dot, norm_sq = float(stats[0]), float(stats[1])
     if dot >= 0 or norm_sq == 0.0:
         return grads, dot
     coef = dot / norm_sq
-    return [g - (coef * h).to(g.dtype) for g, h in zip(grads, g_hat, strict=True)], dot
+    return [
+        g - (coef * (p * m)).to(g.dtype) for g, p, m in zip(grads, prev, masks, strict=True)
+    ], dot
 
 
 class GradientCorrection:
@@ -68,7 +87,7 @@ class GradientCorrection:
             self.conflicts += int(conflicted)
             if self.enabled:
                 grads = corrected
-        self.prev = [g.detach().float().clone() for g in grads]
+        self.prev = [g.detach().to(torch.float32, copy=True) for g in grads]
         return grads, conflicted
 
     def state_dict(self) -> dict:

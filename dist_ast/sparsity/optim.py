@@ -29,24 +29,33 @@ def masked_sgd_(
 
     Returns the (new) momentum buffer, or None when momentum is 0.
     """
-    d = grad.float() if grad.dtype != param.dtype else grad.clone()
-    if weight_decay:
-        d.add_(param, alpha=weight_decay)
+    # Same arithmetic as d = g + wd·p; buf' = buf·μ + d; p -= where(mask, lr·buf', 0),
+    # with fewer temporaries: `where(..., out=x)` writes in place, and d is only copied
+    # when it has to change (weight decay, or a dtype cast).
+    if grad.dtype != param.dtype:
+        d = grad.float()
+        if weight_decay:
+            d.add_(param, alpha=weight_decay)
+    elif weight_decay:
+        d = grad.add(param, alpha=weight_decay)
+    else:
+        d = grad  # read only below
     if momentum:
         if momentum_buffer is None:
             momentum_buffer = torch.zeros_like(param)
-        new_buf = momentum_buffer * momentum + d
         if update_mask is None:
-            momentum_buffer.copy_(new_buf)
+            momentum_buffer.mul_(momentum).add_(d)
         else:
-            momentum_buffer.copy_(torch.where(update_mask, new_buf, momentum_buffer))
+            new_buf = momentum_buffer * momentum
+            new_buf.add_(d)
+            torch.where(update_mask, new_buf, momentum_buffer, out=momentum_buffer)
         d = d.add(momentum_buffer, alpha=momentum) if nesterov else momentum_buffer
     if update_mask is None:
         param.add_(d, alpha=-lr)
     else:
-        param.sub_(
-            torch.where(update_mask, d * lr, torch.zeros((), dtype=d.dtype, device=d.device))
-        )
+        step = d * lr
+        torch.where(update_mask, step, torch.zeros((), dtype=d.dtype, device=d.device), out=step)
+        param.sub_(step)
     return momentum_buffer
 
 
