@@ -371,7 +371,8 @@ def build_trainer(config: RunConfig, dist_info: DistInfo) -> Trainer:
     else:
         ddp_model, sync = wrap_model(model, dist_info, config.engine)
     run_dir = Path(config.run_dir)
-    sample = next(iter(loaders.val))[0][:1]
+    # DeepSpeed bf16/fp16 casts the model itself: measure FLOPs with an input of its dtype.
+    sample = next(iter(loaders.val))[0][:1].to(next(model.parameters()).dtype)
     return Trainer(
         config=config,
         dist=dist_info,

@@ -5,7 +5,10 @@ In step t only the entries of m_k of each sparse weight are applied (the rest is
 away by the trainer), so all-reducing the other entries is wasted bandwidth. Per DDP
 bucket the hook packs the entries of m_k (and every entry of the non-sparse parameters
 in the bucket: biases, BatchNorm, dense layers) into one compact buffer, all-reduces it,
-and scatters it back; entries outside m_k come back as zero. Masks are identical on
+and scatters it back. Entries outside m_k are *not* communicated: they come back holding
+this rank's local gradient, and the trainer's masking step (which one process needs as
+well) zeroes them, so the optimizer sees exactly the dense all-reduce masked to m_k;
+zeroing them here would cost a third memory pass over every bucket. Masks are identical on
 every rank (rank 0 decides them, see :mod:`dist_ast.distributed.mask_sync`), so the
 indices are never exchanged: each rank computes the same index list from its own masks.
 
@@ -31,6 +34,7 @@ Bytes put on the wire (the payload of each all-reduce) are counted per step and 
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -154,20 +158,34 @@ class MaskedAllReduceState:
             work = dist.all_reduce(buffer, group=self.process_group, async_op=True)
             return work.get_future().then(lambda fut: fut.value()[0])
         index = plan.index
-        packed = buffer.index_select(0, index).div_(ws)
+        packed = _gather(buffer, index).div_(ws)
         self._count(packed.numel() * packed.element_size())
         work = dist.all_reduce(packed, group=self.process_group, async_op=True)
-        # Zero the bucket while the all-reduce is on the wire; scatter when it lands.
-        buffer.zero_()
+        # No zeroing pass over the bucket: entries outside m_k keep this rank's local
+        # gradient and the trainer's masking (train_step, step 2) zeroes them, as it must
+        # in one process too. Zeroing here would be a third memory pass over the bucket.
 
         def unpack(fut: torch.futures.Future) -> torch.Tensor:
-            return buffer.index_copy_(0, index, fut.value()[0])
+            _scatter(buffer, index, fut.value()[0])
+            return buffer
 
         return work.get_future().then(unpack)
 
     def _count(self, nbytes: int) -> None:
         self.step_bytes += nbytes
         self.total_bytes += nbytes
+
+
+def _gather(buffer: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """buffer[index]. On the CPU numpy's take is about twice as fast as index_select."""
+    if buffer.device.type == "cpu" and buffer.dtype != torch.bfloat16:
+        return torch.from_numpy(np.take(buffer.numpy(), index.numpy()))
+    return buffer.index_select(0, index)
+
+
+def _scatter(buffer: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """buffer[index] = values, in place (index_copy_ beats numpy's put here)."""
+    buffer.index_copy_(0, index, values)
 
 
 def masked_allreduce_hook(

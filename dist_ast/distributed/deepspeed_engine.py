@@ -73,10 +73,14 @@ def deepspeed_config(config: RunConfig, world_size: int) -> dict:
             "contiguous_gradients": True,
         },
     }
-    if t.precision == "bf16":
-        ds["bf16"] = {"enabled": True}
-    elif t.precision == "fp16":
-        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    if t.precision in ("bf16", "fp16"):
+        if t.precision == "bf16":
+            ds["bf16"] = {"enabled": True}
+        else:
+            ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+        # DeepSpeed casts parameters but keeps buffers fp32 by default; BatchNorm's kernel
+        # wants its running statistics in the dtype of its (cast) affine parameters.
+        ds["data_types"] = {"buffer_dtype": t.precision}
     return ds
 
 
