@@ -51,12 +51,15 @@ def reference(tmp_path_factory) -> Path:
 # --------------------------------------------------------------------------- end to end
 
 
+ASYNC = "checkpoint.async_save=true"  # the killed run writes in a thread: a kill may land mid-write
+
+
 @pytest.mark.slow
 def test_kill9_then_same_command_resumes_bit_exact(reference, tmp_path):
     run_dir = tmp_path / "run"
     kill_after = random.Random().randint(9, 20)  # some step after the step-8 checkpoint
     proc = subprocess.Popen(
-        cu.train_cmd(run_dir),
+        cu.train_cmd(run_dir, ASYNC),
         cwd=cu.REPO,
         env=cu.env(),
         stdout=subprocess.DEVNULL,
@@ -79,7 +82,7 @@ def test_kill9_then_same_command_resumes_bit_exact(reference, tmp_path):
     newest = complete_checkpoints(run_dir)[-1][0]
     assert 8 <= newest <= killed_at
 
-    r = cu.run_train(run_dir)  # the same command
+    r = cu.run_train(run_dir, ASYNC)  # the same command
     assert f"resumed from {run_dir / 'checkpoints' / f'step-{newest}'}" in r.stdout + r.stderr
     cu.assert_same_run(reference, run_dir)
 

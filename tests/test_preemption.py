@@ -42,6 +42,9 @@ def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
                 p.kill()
 
 
+ASYNC = "checkpoint.async_save=true"  # saves in a thread over a gloo group of their own
+
+
 @pytest.fixture(scope="module")
 def reference2(tmp_path_factory):
     return cu.reference_run(2, tmp_path_factory)
@@ -51,7 +54,7 @@ def reference2(tmp_path_factory):
 @pytest.mark.distributed
 def test_sigterm_two_ranks_save_same_step_requeue_code_then_resume(reference2, tmp_path):
     run_dir, logs = tmp_path / "run", tmp_path / "logs"
-    procs = cu.spawn_ranks(run_dir, 2, log_dir=logs)
+    procs = cu.spawn_ranks(run_dir, 2, ASYNC, log_dir=logs)
     target = random.Random().randint(9, 16)
     try:
         cu.wait_until(
@@ -85,7 +88,7 @@ def test_sigterm_two_ranks_save_same_step_requeue_code_then_resume(reference2, t
     shutil.copytree(ck, preempted)  # for the 2 -> 1 resume below
 
     # the same command, 2 ranks again: bit for bit the uninterrupted run
-    procs = cu.spawn_ranks(run_dir, 2, log_dir=tmp_path / "logs2")
+    procs = cu.spawn_ranks(run_dir, 2, ASYNC, log_dir=tmp_path / "logs2")
     assert _wait_all(procs, 300) == [0, 0]
     cu.assert_same_run(reference2, run_dir)
 
