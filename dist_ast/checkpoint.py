@@ -36,6 +36,7 @@ import pickle
 import random
 import shutil
 import time
+import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,13 @@ if TYPE_CHECKING:
     from dist_ast.train import Trainer
 
 log = logging.getLogger(__name__)
+# DCP warns on every single-process save/load that it assumes one process: we pass
+# no_dist=True on purpose there.
+warnings.filterwarnings(
+    "ignore",
+    message="torch.distributed is disabled, unavailable or uninitialized",
+    category=UserWarning,
+)
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
