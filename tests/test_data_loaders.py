@@ -262,3 +262,38 @@ def test_bench_data_smoke(tmp_path: Path) -> None:
     assert names[:2] == ["torchvision ImageFolder", "webdataset + torchvision"]
     assert all(r["images_per_s"] > 0 and r["images_per_cpu_s"] > 0 for r in rows)
     assert rows[0]["ratio"] == 1.0
+
+
+def test_dali_state_has_fixed_shapes_for_in_place_loading() -> None:
+    from dist_ast.data.dali import STATE_BYTES, pack_bytes, unpack_bytes
+
+    for data in (b"", b"\x00\x01abc" * 50):
+        t = pack_bytes(data)
+        assert t.shape == (STATE_BYTES,) and t.dtype == torch.uint8
+        assert unpack_bytes(t) == data
+    with pytest.raises(RuntimeError, match="STATE_BYTES"):
+        pack_bytes(b"x" * STATE_BYTES)
+
+
+@needs_dali
+def test_dali_resume_through_a_fresh_state_dict(digits: Path) -> None:
+    """As torch.distributed.checkpoint does it: a fresh loader's state_dict is filled in
+    place from the saved one, then loaded."""
+    a = train_loader("dali", digits)
+    it = iter(a)
+    take(it, 4)
+    saved = a.state_dict()
+    want = take(it, 2)
+    b = train_loader("dali", digits)
+    target = b.state_dict()
+    assert {k: getattr(v, "shape", None) for k, v in target.items()} == {
+        k: getattr(v, "shape", None) for k, v in saved.items()
+    }
+    target["dali_checkpoint"].copy_(saved["dali_checkpoint"])
+    target.update(epoch=saved["epoch"], batches_consumed=saved["batches_consumed"])
+    b.load_state_dict(target)
+    got = take(iter(b), 2)
+    assert all(
+        torch.equal(x, wx) and torch.equal(y, wy)
+        for (x, y), (wx, wy) in zip(got, want, strict=True)
+    )

@@ -34,6 +34,31 @@ LABEL_BYTES = 8  # ``cls`` is decimal text: padded to 8 bytes in the pipeline, p
 SHUFFLE_FILL = 1024
 
 
+STATE_BYTES = 16384  # DALI's checkpoint is about 400 bytes (reader position, RNG states)
+
+
+def pack_bytes(data: bytes, size: int = STATE_BYTES) -> torch.Tensor:
+    """bytes -> uint8 tensor of a fixed size: 8-byte little-endian length, data, zeros."""
+    if len(data) + 8 > size:
+        raise RuntimeError(
+            f"DALI checkpoint of {len(data)} bytes exceeds the loader state's {size - 8}: "
+            "raise dist_ast.data.dali.STATE_BYTES"
+        )
+    out = torch.zeros(size, dtype=torch.uint8)
+    out[:8] = torch.frombuffer(bytearray(len(data).to_bytes(8, "little")), dtype=torch.uint8)
+    if data:
+        out[8 : 8 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return out
+
+
+def unpack_bytes(t: torch.Tensor) -> bytes:
+    raw = t.detach().cpu().contiguous().numpy().tobytes()
+    n = int.from_bytes(raw[:8], "little")
+    if n + 8 > len(raw):
+        raise ValueError(f"corrupt loader state: length {n} in a {len(raw)}-byte tensor")
+    return raw[8 : 8 + n]
+
+
 def dali_available() -> bool:
     try:
         import nvidia.dali  # noqa: F401
@@ -291,29 +316,35 @@ class DaliTrainLoader:
         return {"bad_samples": 0}
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"epoch": self.epoch, "batches_consumed": self.batches_consumed}
+        """epoch, batches_consumed, and DALI's checkpoint packed into a fixed-size uint8
+        tensor (8-byte length, then the bytes), so that a fresh loader's state_dict has
+        the same shapes as a saved one (torch.distributed.checkpoint loads in place).
+        The DALI part is rank-local: save it per rank."""
         if self._iter is not None:
             cp = self._iter.checkpoints()[0]
         else:
             cp = self._checkpoint
-        if cp is not None:
-            if isinstance(cp, str):
-                cp = cp.encode("latin-1")
-            state["dali_checkpoint"] = torch.frombuffer(bytearray(cp), dtype=torch.uint8)
-        return state
+        if isinstance(cp, str):
+            cp = cp.encode("latin-1")
+        return {
+            "epoch": self.epoch,
+            "batches_consumed": self.batches_consumed,
+            "dali_checkpoint": pack_bytes(cp or b""),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self.batches_consumed = int(state["batches_consumed"])
         cp = state.get("dali_checkpoint")
-        if cp is None and (self.epoch or self.batches_consumed):
+        cp = unpack_bytes(cp) if cp is not None else b""
+        if not cp and (self.epoch or self.batches_consumed):
             log.warning(
                 "no DALI checkpoint in the loader state: the reader restarts at the beginning "
                 "of its slice (epoch %d, batch %d)",
                 self.epoch,
                 self.batches_consumed,
             )
-        self._checkpoint = bytes(cp.cpu().numpy().tobytes()) if cp is not None else None
+        self._checkpoint = cp or None
         self._pipe = self._iter = None  # rebuilt from the checkpoint on the next iter()
 
 
