@@ -170,7 +170,9 @@ class Trainer:
 
         # 3. Gradient correction on the sparse weights' gradient (fp32, unscaled).
         conflicted = False
-        if self.mode != "joint" and model.num_subnets > 1:
+        # An fp16 step with inf/nan gradients is skipped by the scaler: keep g_prev clean.
+        finite = self.scaler is None or all(bool(w.grad.isfinite().all()) for w in weights)
+        if self.mode != "joint" and model.num_subnets > 1 and finite:
             grads, conflicted = self.gc(
                 [w.grad for w in weights], model.masks(subnets[0]), schedule.is_group_start(step)
             )
