@@ -46,27 +46,36 @@ class MetricsWriter:
     def __init__(self, path: Path, enabled: bool = True, tensorboard: bool = True) -> None:
         self.path, self.enabled = Path(path), enabled
         self._tb = None
+        self._tb_dir: Path | None = None
+        self.purge_step: int | None = None  # resume: TensorBoard hides events from here on
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if tensorboard:
                 try:
-                    from torch.utils.tensorboard import SummaryWriter
+                    from torch.utils.tensorboard import SummaryWriter  # noqa: F401
                 except ImportError as e:  # tensorboard is a dependency; say so if missing
                     log.warning("TensorBoard scalars off: %s (pip install tensorboard)", e)
                 else:
-                    self._tb = SummaryWriter(log_dir=str(self.path.parent / "tb"))
+                    # opened at the first record: a run that fails before training (say, on
+                    # a corrupted checkpoint) leaves no event file behind
+                    self._tb_dir = self.path.parent / "tb"
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self._tb is None and self._tb_dir is not None and "step" in record:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self._tb_dir), purge_step=self.purge_step)
         if self._tb is not None and "step" in record:
             for name, value in tensorboard_scalars(record).items():
                 self._tb.add_scalar(name, value, global_step=record["step"])
             self._tb.flush()
 
     def close(self) -> None:
+        self._tb_dir = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None

@@ -412,6 +412,7 @@ def run(config: RunConfig) -> dict:
             (run_dir / "config.json").write_text(json.dumps(config_as_dict(config), indent=2))
             if resume is not None:  # drop records the killed run wrote after its checkpoint
                 truncate_metrics(run_dir / "metrics.jsonl", trainer.step)
+                trainer.metrics.purge_step = trainer.step + 1  # and hide them in TensorBoard
         start = time.perf_counter()
         summary = trainer.fit()
         trainer.metrics.close()

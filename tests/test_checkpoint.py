@@ -254,3 +254,25 @@ def test_keep_last_k_and_listing(reference):
     meta = json.loads((reference / "checkpoints" / "step-24" / "meta.json").read_text())
     assert meta["step"] == 24 and meta["model"] == "tiny_cnn" and meta["num_subnets"] == 3
     assert meta["config"]["checkpoint"]["every_steps"] == 8
+
+
+def test_triggers_every_steps_and_every_minutes(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from dist_ast.checkpoint import Checkpointer
+    from dist_ast.config import RunConfig
+    from dist_ast.distributed.setup import DistInfo
+
+    config = RunConfig(run_dir=str(tmp_path))
+    config.checkpoint.every_steps, config.checkpoint.every_minutes = 50, 2.0
+    trainer = SimpleNamespace(config=config, dist=DistInfo(0, 1, 0, torch.device("cpu")))
+    now = [1000.0]
+    monkeypatch.setattr("dist_ast.checkpoint.time.monotonic", lambda: now[0])
+    ck = Checkpointer(trainer)
+    assert [s for s in range(1, 201) if ck.steps_due(s)] == [50, 100, 150, 200]
+    now[0] += 119.0
+    assert not ck.minutes_due
+    now[0] += 1.0
+    assert ck.minutes_due
+    config.checkpoint.every_minutes = 0.0
+    assert not ck.minutes_due  # 0 = off
