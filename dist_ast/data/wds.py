@@ -29,7 +29,9 @@ from __future__ import annotations
 import io
 import logging
 import math
+import multiprocessing as mp
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -189,35 +191,65 @@ def _make_batch(
     return x, torch.tensor(labels, dtype=torch.int64), len(bad)
 
 
-class _EpochStream(IterableDataset):
-    """One epoch (or the rest of one) of a rank's training batches, split over workers."""
+@dataclass
+class _TrainSpec:
+    """What a worker needs to make any training batch (picklable, no DataLoader)."""
 
-    def __init__(self, loader: WdsTrainLoader, epoch: int, start: int) -> None:
-        self.l, self.epoch, self.start = loader, epoch, start
+    shards: ShardSet
+    lo: int
+    hi: int
+    num_batches: int
+    batch_size: int
+    seed: int
+    rank: int
+    workers: int
+    shuffle_batches: int
+    transform: Any
+
+    def read_stream(self, epoch: int, q0: int, q1: int) -> list[tuple[str, bytes, int, str]]:
+        """Samples at stream positions [q0, q1) of an epoch's window (cyclic over the slice)."""
+        n = self.hi - self.lo
+        base = epoch * self.num_batches * self.batch_size
+        out: list[tuple[str, bytes, int, str]] = []
+        q = q0
+        while q < q1:
+            a = (base + q) % n
+            take = min(q1 - q, n - a)
+            out += _read_samples(self.shards, self.lo + a, self.lo + a + take)
+            q += take
+        return out
+
+
+class _EpochStream(IterableDataset):
+    """The rest of one epoch of a rank's training batches, split over the workers. The
+    epoch and the start batch live in shared memory, so persistent workers pick up each
+    new epoch (or a resume position) when the main process starts a new pass."""
+
+    def __init__(self, spec: _TrainSpec) -> None:
+        self.spec = spec
+        self.epoch = mp.RawValue("q", 0)
+        self.start = mp.RawValue("q", 0)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        L = self.l
+        L, epoch, start = self.spec, self.epoch.value, self.start.value
         info = get_worker_info()
         slot = info.id if info is not None else 0
         n = L.workers
-        w = (slot + self.start) % n  # rotation: output `start` comes from worker start % n
+        w = (slot + start) % n  # rotation: output `start` comes from worker start % n
         counts = split_counts(L.num_batches, n)
         first = sum(counts[:w])  # worker w's first epoch batch
-        done = -(-(self.start - w) // n) if self.start > w else 0  # delivered before resume
-        transform = L.transform
+        done = -(-(start - w) // n) if start > w else 0  # delivered before a resume
         m = L.shuffle_batches
         for j in range(done // m * m, counts[w], m):
             t0 = first + j  # first epoch batch of this block
             nb = min(m, counts[w] - j)
             q0 = t0 * L.batch_size  # stream position within the epoch window
-            samples = L.read_stream(self.epoch, q0, q0 + nb * L.batch_size)
-            perm = np.random.default_rng(_mix(L.seed, self.epoch, L.rank, t0)).permutation(
-                len(samples)
-            )
+            samples = L.read_stream(epoch, q0, q0 + nb * L.batch_size)
+            perm = np.random.default_rng(_mix(L.seed, epoch, L.rank, t0)).permutation(len(samples))
             for i in range(max(0, done - j), nb):
                 sel = perm[i * L.batch_size : (i + 1) * L.batch_size]
-                seed = _mix(L.seed, self.epoch, L.rank, t0 + i, 1)
-                yield _make_batch([samples[k] for k in sel], transform, seed)
+                seed = _mix(L.seed, epoch, L.rank, t0 + i, 1)
+                yield _make_batch([samples[k] for k in sel], L.transform, seed)
 
 
 class WdsTrainLoader:
@@ -247,28 +279,45 @@ class WdsTrainLoader:
         self.lo, self.hi = rank_slice(len(self.shards), rank, world_size)
         # shuffle blocks of about 1024 samples per worker (like a 1024-sample buffer)
         self.shuffle_batches = shuffle_batches or max(1, math.ceil(1024 / batch_size))
-        self.transform = build_transform(dataset, True, image_size, rrc_min)
+        self.spec = _TrainSpec(
+            shards=self.shards,
+            lo=self.lo,
+            hi=self.hi,
+            num_batches=self.num_batches,
+            batch_size=batch_size,
+            seed=seed,
+            rank=rank,
+            workers=self.workers,
+            shuffle_batches=self.shuffle_batches,
+            transform=build_transform(dataset, True, image_size, rrc_min),
+        )
         self.normalize = Normalizer(dataset, self.device)
         self.epoch = 0
         self.batches_consumed = 0
         self.bad_samples = 0
         self._saved_workers = self.workers
+        self._stream: _EpochStream | None = None
+        self._dl: DataLoader | None = None
 
     def __len__(self) -> int:
         return self.num_batches
 
     def read_stream(self, epoch: int, q0: int, q1: int) -> list[tuple[str, bytes, int, str]]:
-        """Samples at stream positions [q0, q1) of an epoch's window (cyclic over the slice)."""
-        n = self.hi - self.lo
-        base = epoch * self.num_batches * self.batch_size
-        out: list[tuple[str, bytes, int, str]] = []
-        q = q0
-        while q < q1:
-            a = (base + q) % n
-            take = min(q1 - q, n - a)
-            out += _read_samples(self.shards, self.lo + a, self.lo + a + take)
-            q += take
-        return out
+        return self.spec.read_stream(epoch, q0, q1)
+
+    def _loader(self) -> tuple[_EpochStream, DataLoader]:
+        if self._dl is None:
+            self._stream = _EpochStream(self.spec)
+            self._dl = DataLoader(
+                self._stream,
+                batch_size=None,
+                num_workers=self.num_workers,
+                pin_memory=self.device.type == "cuda",
+                prefetch_factor=2 if self.num_workers else None,
+                persistent_workers=self.num_workers > 0,  # no fork per epoch
+            )
+        assert self._stream is not None
+        return self._stream, self._dl
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._saved_workers != self.workers and self.batches_consumed:
@@ -279,17 +328,11 @@ class WdsTrainLoader:
                 self.workers,
                 self.epoch,
             )
-        pin = self.device.type == "cuda"
+        stream, dl = self._loader()
         while True:
             if self.batches_consumed < self.num_batches:
-                ds = _EpochStream(self, self.epoch, self.batches_consumed)
-                dl = DataLoader(
-                    ds,
-                    batch_size=None,
-                    num_workers=self.num_workers,
-                    pin_memory=pin,
-                    prefetch_factor=2 if self.num_workers else None,
-                )
+                stream.epoch.value = self.epoch
+                stream.start.value = self.batches_consumed
                 for x, y, bad in dl:
                     self.bad_samples += int(bad)
                     self.batches_consumed += 1
