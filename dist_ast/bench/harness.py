@@ -330,14 +330,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         raise
     args = _module_namespace(module, opts.name, rest)
-    machine = machine_description()
     rows = module.run(args)
+    machine = machine_description()  # after the run: it may set the thread count
     title = getattr(module, "TITLE", opts.name)
     notes = " ".join(n for n in (getattr(module, "NOTES", ""), opts.notes) if n)
     extra = getattr(module, "last_notes", None)
     if callable(extra):
         notes = " ".join(n for n in (notes, extra()) if n)
-    console = Console()
+    console = Console(width=max(160, Console().width))
     console.print(rich_table(title, rows))
     console.print(describe_machine(machine))
     if not opts.no_record:

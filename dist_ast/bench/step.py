@@ -226,7 +226,7 @@ def bench_preset(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         inner=args.inner,
         clocks={"wall": time.perf_counter, "cpu": time.process_time},
     )
-    setting = f"{model} {size}×{size} b{batch} {precision}{' CL' if channels_last else ''}"
+    setting = f"{model} {size}² b{batch} {precision}{' CL' if channels_last else ''}"
     rows: list[dict[str, Any]] = []
 
     def row(variant: str, vs: str | None, goal_txt: str = "", ok: bool | None = None) -> dict:
@@ -237,10 +237,9 @@ def bench_preset(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             "cpu s/step": summarize(timings["cpu"][variant]).fmt(3),
             "vs": vs or "",
         }
-        if vs:
-            for c in ("wall", "cpu"):
-                pair = {variant: timings[c][variant], vs: timings[c][vs]}
-                r[f"{c} ratio"] = paired_ratios(pair, vs)[variant].fmt(3)
+        for c in ("wall", "cpu"):
+            pair = {variant: timings[c][variant], vs: timings[c][vs]} if vs else None
+            r[f"{c} ratio"] = paired_ratios(pair, vs)[variant].fmt(3) if pair and vs else ""
         r["goal"], r["met"] = goal_txt, ok
         return r
 
