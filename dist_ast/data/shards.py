@@ -161,10 +161,10 @@ def write_tar(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> li
             row: list[Any] = []
             for ext, payload in fields.items():
                 name = f"{key}.{ext}"
-                ti = _tarinfo(name, len(payload))
-                header = len(ti.tobuf(tf.format, tf.encoding, tf.errors))
-                row += [ext, tf.offset + header, len(payload), name]
-                tf.addfile(ti, io.BytesIO(payload))
+                tf.addfile(_tarinfo(name, len(payload)), io.BytesIO(payload))
+                # the data ends the member, padded to whole 512-byte blocks
+                padded = -(-len(payload) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                row += [ext, tf.offset - padded, len(payload), name]
             rows.append(row)
     return rows
 
