@@ -209,18 +209,22 @@ def init(rank: int, world: int, port: int) -> DistInfo:
 def _train_worker(rank, world, port, out: str, engine: str, stages, norm: str, dtype_name: str):
     import torch.distributed as dist
 
-    dtype = getattr(torch, dtype_name)
     info = init(rank, world, port)
     try:
-        for stage in stages:
-            config = make_config(engine, stage)
-            trainer = build(config, info, norm, dtype, Path(out))
-            state = train(trainer, rank, world, dtype)
-            state["wrapper"] = type(getattr(trainer.ddp_model, "optimizer", None)).__name__
-            state["partitioned"] = getattr(trainer.optimizer, "partitioned", None)
-            torch.save(state, Path(out) / f"{engine}{stage}_rank{rank}.pt")
+        _train_part(rank, world, info, out, engine, stages, norm, dtype_name)
     finally:
         dist.destroy_process_group()
+
+
+def _train_part(rank, world, info, out: str, engine: str, stages, norm: str, dtype_name: str):
+    dtype = getattr(torch, dtype_name)
+    for stage in stages:
+        config = make_config(engine, stage)
+        trainer = build(config, info, norm, dtype, Path(out))
+        state = train(trainer, rank, world, dtype)
+        state["wrapper"] = type(getattr(trainer.ddp_model, "optimizer", None)).__name__
+        state["partitioned"] = getattr(trainer.optimizer, "partitioned", None)
+        torch.save(state, Path(out) / f"{engine}{norm}{stage}_rank{rank}.pt")
 
 
 def reference(norm: str, dtype: torch.dtype, tmp: Path, seed: int = 1000) -> dict:
@@ -257,13 +261,35 @@ def assert_same_run(got: dict, ref: dict, atol: float) -> None:
         assert diff <= atol, f"{name}: max |Δ| {diff:.3g} > {atol}"
 
 
-def test_two_ranks_equal_one_rank_exact_groupnorm(tmp_path: Path) -> None:
+def _all_worker(rank, world, port, out: str) -> None:
+    """Every 2-rank scenario of this file in one launch (process start-up dominates)."""
+    import torch.distributed as dist
+
+    info = init(rank, world, port)
+    try:
+        _train_part(rank, world, info, out, "ddp", [0], "group", "float64")
+        _train_part(rank, world, info, out, "ddp", [0], "batch", "float64")
+        _bn_first_step_part(rank, world, info, out)
+        _hook_part(rank, world, info, out)
+        _eval_part(rank, world, info, out)
+        _corrupt_part(rank, world, info, out)  # last: it leaves the ranks' masks different
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ddp_runs")
+    spawn(_all_worker, str(out), timeout=480)
+    return out
+
+
+def test_two_ranks_equal_one_rank_exact_groupnorm(runs: Path, tmp_path: Path) -> None:
     """engine=ddp: 2 ranks × B == 1 rank × 2B through mask updates and GC (float64)."""
-    spawn(_train_worker, str(tmp_path), "ddp", [0], "group", "float64")
     ref = reference("group", torch.float64, tmp_path)
     assert len(ref["mask_updates"]) >= 6 and ref["gc_conflicts"] >= 2  # the test exercises both
-    r0 = torch.load(tmp_path / "ddp0_rank0.pt")
-    r1 = torch.load(tmp_path / "ddp0_rank1.pt")
+    r0 = torch.load(runs / "ddpgroup0_rank0.pt")
+    r1 = torch.load(runs / "ddpgroup0_rank1.pt")
     assert_same_run(r0, ref, atol=1e-9)
     # Ranks agree exactly with each other: masks, GC counts, weights.
     assert_same_run(r1, r0, atol=0.0)
@@ -281,13 +307,12 @@ def test_two_ranks_equal_one_rank_exact_groupnorm(tmp_path: Path) -> None:
     assert compact_steps >= 3
 
 
-def test_two_ranks_batchnorm_statistical(tmp_path: Path) -> None:
+def test_two_ranks_batchnorm_statistical(runs: Path, tmp_path: Path) -> None:
     """With BatchNorm each rank normalizes its half batch, so the runs differ; they must
     stay statistically close, and BN statistics are identical on every rank."""
-    spawn(_train_worker, str(tmp_path), "ddp", [0], "batch", "float64")
     ref = reference("batch", torch.float64, tmp_path)
-    r0 = torch.load(tmp_path / "ddp0_rank0.pt")
-    r1 = torch.load(tmp_path / "ddp0_rank1.pt")
+    r0 = torch.load(runs / "ddpbatch0_rank0.pt")
+    r1 = torch.load(runs / "ddpbatch0_rank1.pt")
     # Averaged after every step: identical running statistics on both ranks.
     for name, b in r0["buffers"].items():
         assert torch.equal(b, r1["buffers"][name]), name
@@ -300,26 +325,19 @@ def test_two_ranks_batchnorm_statistical(tmp_path: Path) -> None:
     assert mask_agreement(r0, ref) > mask_agreement(other, ref)
 
 
-def _bn_first_step_worker(rank, world, port, out: str) -> None:
-    import torch.distributed as dist
-
-    info = init(rank, world, port)
-    try:
-        trainer = build(make_config("ddp"), info, "batch", torch.float64, Path(out))
-        state = train(trainer, rank, world, torch.float64, steps=1)
-        torch.save(state, Path(out) / f"bn1_rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _bn_first_step_part(rank, world, info, out: str) -> None:
+    trainer = build(make_config("ddp"), info, "batch", torch.float64, Path(out))
+    state = train(trainer, rank, world, torch.float64, steps=1)
+    torch.save(state, Path(out) / f"bn1_rank{rank}.pt")
 
 
-def test_bn_running_mean_after_one_step_equals_global_batch(tmp_path: Path) -> None:
+def test_bn_running_mean_after_one_step_equals_global_batch(runs: Path, tmp_path: Path) -> None:
     """Our BN choice: per-rank statistics averaged after each step. At step 1 (identical
     weights) the averaged running mean is exactly the global batch's."""
-    spawn(_bn_first_step_worker, str(tmp_path))
     config = make_config("ddp")
     single = build(config, DistInfo(0, 1, 0, torch.device("cpu")), "batch", torch.float64, tmp_path)
     ref = train(single, 0, 1, torch.float64, steps=1)
-    got = torch.load(tmp_path / "bn1_rank0.pt")
+    got = torch.load(runs / "bn1_rank0.pt")
     # The first BatchNorm sees identical inputs (conv1 of the same weights): exact. Deeper
     # ones see inputs normalized with per-rank statistics: close, not equal.
     first = "net.n1.running_mean"
@@ -328,71 +346,64 @@ def test_bn_running_mean_after_one_step_equals_global_batch(tmp_path: Path) -> N
         torch.testing.assert_close(got["buffers"][n], ref["buffers"][n], rtol=0.1, atol=1e-3)
 
 
-def _hook_worker(rank, world, port, out: str) -> None:
+def _hook_part(rank, world, info, out: str) -> None:
     """Real DDP + hook vs a dense all-reduce of the same local gradients, then masking."""
     import torch.distributed as dist
 
     from dist_ast.distributed.ddp import wrap_model
 
-    info = init(rank, world, port)
-    try:
-        torch.manual_seed(0)
-        model = convert_to_subnets(SmallNet("group"), 2, ["conv1"]).double()
-        g = torch.Generator().manual_seed(5)
-        from dist_ast.sparsity.masks import random_mask
+    torch.manual_seed(0)
+    model = convert_to_subnets(SmallNet("group"), 2, ["conv1"]).double()
+    g = torch.Generator().manual_seed(5)
+    from dist_ast.sparsity.masks import random_mask
 
-        for k, density in enumerate([0.3, 0.1]):
-            model.set_masks(
-                k,
-                [random_mask(w.shape, int(density * w.numel()), g) for w in model.sparse_weights()],
-            )
-        engine = EngineConfig(compact_max_density=1.0, bucket_cap_mb=0.01)  # several buckets
-        ddp, sync = wrap_model(model, info, engine)
-        twin = convert_to_subnets(SmallNet("group"), 2, ["conv1"]).double()
-        twin.load_state_dict(model.state_dict())
-        results = {}
-        for it in range(3):  # iteration 0 uses DDP's initial buckets, later ones the rebuilt
-            k = it % 2
-            x, y = global_batch(it, torch.float64)
-            x, y = x[rank * B : (rank + 1) * B], y[rank * B : (rank + 1) * B]
-            for m in (model, twin):
-                m.set_subnet(k)
-                m.zero_grad(set_to_none=True)
-            sync.begin_step([])
-            nn.functional.cross_entropy(ddp(x), y).backward()
-            nn.functional.cross_entropy(twin(x), y).backward()
-            expect = {}
-            sparse = {id(w): m for w, m in zip(twin.sparse_weights(), twin.masks(k), strict=True)}
-            for (name, p), q in zip(twin.named_parameters(), model.parameters(), strict=True):
-                g_ = p.grad.clone()
-                dist.all_reduce(g_)
-                g_ /= world
-                got = q.grad
-                if id(p) in sparse:  # the trainer's masking step removes the rest
-                    g_, got = g_ * sparse[id(p)], got * sparse[id(p)]
-                expect[name] = g_
-                assert torch.equal(got, g_), f"iteration {it}: {name} differs"
-            active = sum(int(m.sum()) for m in model.masks(k))
-            other = sum(p.numel() for p in model.parameters()) - sum(
-                w.numel() for w in model.sparse_weights()
-            )
-            results[it] = (sync.step_bytes, (active + other) * 8)
-        torch.save(results, Path(out) / f"hook_rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    for k, density in enumerate([0.3, 0.1]):
+        model.set_masks(
+            k,
+            [random_mask(w.shape, int(density * w.numel()), g) for w in model.sparse_weights()],
+        )
+    engine = EngineConfig(compact_max_density=1.0, bucket_cap_mb=0.01)  # several buckets
+    ddp, sync = wrap_model(model, info, engine)
+    twin = convert_to_subnets(SmallNet("group"), 2, ["conv1"]).double()
+    twin.load_state_dict(model.state_dict())
+    results = {}
+    for it in range(3):  # iteration 0 uses DDP's initial buckets, later ones the rebuilt
+        k = it % 2
+        x, y = global_batch(it, torch.float64)
+        x, y = x[rank * B : (rank + 1) * B], y[rank * B : (rank + 1) * B]
+        for m in (model, twin):
+            m.set_subnet(k)
+            m.zero_grad(set_to_none=True)
+        sync.begin_step([])
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        nn.functional.cross_entropy(twin(x), y).backward()
+        expect = {}
+        sparse = {id(w): m for w, m in zip(twin.sparse_weights(), twin.masks(k), strict=True)}
+        for (name, p), q in zip(twin.named_parameters(), model.parameters(), strict=True):
+            g_ = p.grad.clone()
+            dist.all_reduce(g_)
+            g_ /= world
+            got = q.grad
+            if id(p) in sparse:  # the trainer's masking step removes the rest
+                g_, got = g_ * sparse[id(p)], got * sparse[id(p)]
+            expect[name] = g_
+            assert torch.equal(got, g_), f"iteration {it}: {name} differs"
+        active = sum(int(m.sum()) for m in model.masks(k))
+        other = sum(p.numel() for p in model.parameters()) - sum(
+            w.numel() for w in model.sparse_weights()
+        )
+        results[it] = (sync.step_bytes, (active + other) * 8)
+    torch.save(results, Path(out) / f"hook_rank{rank}.pt")
 
 
-def test_hook_equals_dense_allreduce_then_mask_and_counts_bytes(tmp_path: Path) -> None:
-    spawn(_hook_worker, str(tmp_path))
+def test_hook_equals_dense_allreduce_then_mask_and_counts_bytes(runs: Path) -> None:
+    # The gradients themselves are compared bit for bit inside the workers (_hook_part).
     for rank in range(2):
-        for it, (sent, expected) in torch.load(tmp_path / f"hook_rank{rank}.pt").items():
+        for it, (sent, expected) in torch.load(runs / f"hook_rank{rank}.pt").items():
             assert sent == expected, f"rank {rank} iteration {it}: {sent} bytes != {expected}"
 
 
-def _corrupt_worker(rank, world, port, out: str) -> None:
-    import torch.distributed as dist
-
-    info = init(rank, world, port)
+def _corrupt_part(rank, world, info, out: str) -> None:
     try:
         trainer = build(make_config("ddp"), info, "group", torch.float64, Path(out))
         train(trainer, rank, world, torch.float64, steps=1)
@@ -407,43 +418,34 @@ def _corrupt_worker(rank, world, port, out: str) -> None:
     except Exception:
         (Path(out) / f"error_rank{rank}.txt").write_text(traceback.format_exc())
         raise
-    finally:
-        dist.destroy_process_group()
 
 
-def test_corrupted_mask_is_detected_with_layer_name(tmp_path: Path) -> None:
-    spawn(_corrupt_worker, str(tmp_path))
+def test_corrupted_mask_is_detected_with_layer_name(runs: Path) -> None:
     from dist_ast.sparsity.model import convert_to_subnets as conv
 
     layer = conv(SmallNet("group"), 3, ["conv1"]).sparse_names[2]
     for rank in range(2):
-        text = (tmp_path / f"error_rank{rank}.txt").read_text()
+        text = (runs / f"error_rank{rank}.txt").read_text()
         step, _, msg = text.partition("\n")
         assert step == "1", text  # stopped at the next mask update (sub-net 1's, step 1)
         assert "mask mismatch" in msg and repr(layer) in msg and "sub-net 2" in msg, msg
 
 
-def _eval_worker(rank, world, port, out: str) -> None:
-    import torch.distributed as dist
-
+def _eval_part(rank, world, info, out: str) -> None:
     from dist_ast.data.memory import TensorLoader
     from dist_ast.evaluate import evaluate_subnets
 
-    info = init(rank, world, port)
-    try:
-        model, images, labels = eval_setup()
-        val = TensorLoader(
-            images,
-            labels,
-            batch_size=16,
-            rank=rank,
-            world_size=world,
-            shuffle=False,
-            drop_last=False,
-        )
-        torch.save(evaluate_subnets(model, val, info), Path(out) / f"eval_rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    model, images, labels = eval_setup()
+    val = TensorLoader(
+        images,
+        labels,
+        batch_size=16,
+        rank=rank,
+        world_size=world,
+        shuffle=False,
+        drop_last=False,
+    )
+    torch.save(evaluate_subnets(model, val, info), Path(out) / f"eval_rank{rank}.pt")
 
 
 def eval_setup():
@@ -461,14 +463,13 @@ def eval_setup():
     return model, images, labels
 
 
-def test_parallel_evaluation_equals_single_process(tmp_path: Path) -> None:
+def test_parallel_evaluation_equals_single_process(runs: Path) -> None:
     from dist_ast.data.memory import TensorLoader
     from dist_ast.evaluate import evaluate_subnets
 
-    spawn(_eval_worker, str(tmp_path))
     model, images, labels = eval_setup()
     val = TensorLoader(images, labels, batch_size=16, shuffle=False, drop_last=False)
     single = evaluate_subnets(model, val, DistInfo(0, 1, 0, torch.device("cpu")))
     assert all(r["samples"] == 203 for r in single)
     for rank in range(2):
-        assert torch.load(tmp_path / f"eval_rank{rank}.pt") == single
+        assert torch.load(runs / f"eval_rank{rank}.pt") == single

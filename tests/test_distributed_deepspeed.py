@@ -33,8 +33,8 @@ def test_deepspeed_stages_equal_single_process(tmp_path: Path) -> None:
     ref = reference("group", torch.float32, tmp_path)
     assert len(ref["mask_updates"]) >= 6 and ref["gc_conflicts"] >= 2
     for stage in STAGES:
-        r0 = torch.load(tmp_path / f"deepspeed{stage}_rank0.pt")
-        r1 = torch.load(tmp_path / f"deepspeed{stage}_rank1.pt")
+        r0 = torch.load(tmp_path / f"deepspeedgroup{stage}_rank0.pt")
+        r1 = torch.load(tmp_path / f"deepspeedgroup{stage}_rank1.pt")
         # DeepSpeed really ran: ZeRO-0 steps the model's parameters, ZeRO-1/2 partitions.
         assert r0["wrapper"] == ("PartitionMaskedSGD" if stage == 0 else "DeepSpeedZeroOptimizer")
         assert r0["partitioned"] == (stage > 0)

@@ -158,3 +158,19 @@ def test_hook_plan_falls_back_to_dense_above_threshold() -> None:
     model.set_masks(0, [torch.ones_like(m) for m in m0])
     state.masks_changed(0)
     assert not state.plan(0, buf, params, 0).compact
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_comm_bench_rows_bytes_follow_density() -> None:
+    """The benchmark's own run (2 gloo processes, ResNet-18 buckets): it checks the compact
+    result against a dense all-reduce then masking, and sends density's share of bytes
+    plus the always-dense entries (first conv, BatchNorm, biases: < 1% of the total)."""
+    from dist_ast.bench.comm import run
+
+    rows = run(["--model", "resnet18", "--densities", "0.1", "0.5", "--repeats", "1"])
+    assert [r["density"] for r in rows] == [0.1, 0.5]
+    for r in rows:
+        assert r["bytes_default"] == r["elements"] * 4
+        assert r["density"] <= r["bytes_ratio"] < r["density"] + 0.01
+        assert r["time_default_ms"] > 0 and r["time_masked_ms"] > 0

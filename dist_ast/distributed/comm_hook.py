@@ -34,7 +34,6 @@ Bytes put on the wire (the payload of each all-reduce) are counted per step and 
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -158,7 +157,7 @@ class MaskedAllReduceState:
             work = dist.all_reduce(buffer, group=self.process_group, async_op=True)
             return work.get_future().then(lambda fut: fut.value()[0])
         index = plan.index
-        packed = _gather(buffer, index).div_(ws)
+        packed = buffer.index_select(0, index).div_(ws)
         self._count(packed.numel() * packed.element_size())
         work = dist.all_reduce(packed, group=self.process_group, async_op=True)
         # No zeroing pass over the bucket: entries outside m_k keep this rank's local
@@ -166,26 +165,13 @@ class MaskedAllReduceState:
         # in one process too. Zeroing here would be a third memory pass over the bucket.
 
         def unpack(fut: torch.futures.Future) -> torch.Tensor:
-            _scatter(buffer, index, fut.value()[0])
-            return buffer
+            return buffer.index_copy_(0, index, fut.value()[0])
 
         return work.get_future().then(unpack)
 
     def _count(self, nbytes: int) -> None:
         self.step_bytes += nbytes
         self.total_bytes += nbytes
-
-
-def _gather(buffer: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """buffer[index]. On the CPU numpy's take is about twice as fast as index_select."""
-    if buffer.device.type == "cpu" and buffer.dtype != torch.bfloat16:
-        return torch.from_numpy(np.take(buffer.numpy(), index.numpy()))
-    return buffer.index_select(0, index)
-
-
-def _scatter(buffer: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
-    """buffer[index] = values, in place (index_copy_ beats numpy's put here)."""
-    buffer.index_copy_(0, index, values)
 
 
 def masked_allreduce_hook(
