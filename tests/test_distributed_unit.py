@@ -61,6 +61,8 @@ def test_detect_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
     env = {
         "SLURM_PROCID": "5",
         "SLURM_NTASKS": "8",
+        "SLURM_STEP_ID": "0",
+        "SLURM_STEP_NUM_TASKS": "8",
         "SLURM_LOCALID": "1",
         "SLURM_JOB_NODELIST": "gpu[03-06]",
         "SLURM_JOB_ID": "123456",
@@ -87,6 +89,8 @@ def test_detect_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_detect_single_task_slurm_and_no_launcher() -> None:
     assert detect_launch({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).world_size == 1
+    # The batch shell of a multi-task job (no srun step) is one process.
+    assert detect_launch({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}).world_size == 1
     launch = detect_launch({})
     assert (launch.launcher, launch.world_size) == ("none", 1)
 

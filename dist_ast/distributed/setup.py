@@ -8,7 +8,8 @@ Three launchers describe a job, in this order of precedence:
 2. submitit (``SUBMITIT_EXECUTOR`` set): ``submitit.helpers.TorchDistributedEnvironment``
    exports the same variables from its job environment.
 3. Slurm (``srun python -m dist_ast.train`` with one task per GPU): ``SLURM_PROCID``,
-   ``SLURM_NTASKS``, ``SLURM_LOCALID``; the head node is the first host of
+   ``SLURM_STEP_NUM_TASKS`` (else ``SLURM_NTASKS``), ``SLURM_LOCALID``, inside an srun step
+   only (``SLURM_STEP_ID`` set); the head node is the first host of
    ``SLURM_JOB_NODELIST`` and the port is derived from ``SLURM_JOB_ID``, so every task
    computes the same rendezvous address without talking to the others.
 """
@@ -132,12 +133,15 @@ def detect_launch(env: Mapping[str, str] | None = None) -> LaunchEnv:
         return LaunchEnv(
             "submitit", t.rank, t.world_size, t.local_rank, t.master_addr, t.master_port
         )
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+    # Only inside an srun step (SLURM_STEP_ID set): the batch shell of an --ntasks=8 job
+    # also has SLURM_NTASKS=8, but a plain `python` there is one process, not eight.
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and tasks > 1:
         port = env.get("MASTER_PORT")
         return LaunchEnv(
             "slurm",
             int(env["SLURM_PROCID"]),
-            int(env["SLURM_NTASKS"]),
+            tasks,
             int(env.get("SLURM_LOCALID", "0")),
             env.get("MASTER_ADDR") or slurm_head_node(env["SLURM_JOB_NODELIST"]),
             int(port) if port else slurm_port(env.get("SLURM_JOB_ID", "0")),
