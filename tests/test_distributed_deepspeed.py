@@ -17,8 +17,12 @@ import torch
 pytest.importorskip("deepspeed")
 
 from test_distributed_ddp import (  # noqa: E402  (tests/ is on sys.path under pytest)
-    _train_worker,
+    _train_part,
     assert_same_run,
+    build,
+    global_batch,
+    init,
+    make_config,
     reference,
     spawn,
 )
@@ -28,8 +32,53 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 STAGES = [0, 1, 2]
 
 
+def _bf16_inactive_part(rank: int, world: int, info, out: str) -> None:
+    """ZeRO-2 bf16 with BatchNorm: over steps that update no mask, weights outside m_k
+    and other sub-nets' BN rows stay bit-identical (master fp32 and bf16 copy)."""
+    config = make_config("deepspeed", 2)
+    config.train.precision = "bf16"
+    trainer = build(config, info, "batch", torch.bfloat16, Path(out))
+    model, moved = trainer.model, []
+    for _ in range(12):
+        k = trainer.schedule.active_subnet(trainer.step)
+        updating = bool(trainer.schedule.updates_at(trainer.step))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        x, y = global_batch(trainer.step, torch.bfloat16)
+        n = len(x) // world
+        trainer.train_step(x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n])
+        trainer.step += 1
+        if updating:
+            continue
+        sparse = dict(zip(model.sparse_names, model.masks(k), strict=True))
+        for name, p in model.named_parameters():
+            layer = name.removeprefix("net.").removesuffix(".weight")
+            if layer in sparse:
+                keep = ~sparse[layer]
+            elif p.ndim == 2:  # switchable BatchNorm [N, C]: rows of the other sub-nets
+                keep = torch.ones_like(p, dtype=torch.bool)
+                keep[k] = False
+            else:
+                continue
+            moved.append(bool((p.detach()[keep] != before[name][keep]).any()))
+    torch.save({"moved": moved, "checked": len(moved)}, Path(out) / f"bf16_rank{rank}.pt")
+
+
+def _ds_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    info = init(rank, world, port)
+    try:
+        _train_part(rank, world, info, out, "deepspeed", STAGES, "group", "float32")
+        _bf16_inactive_part(rank, world, info, out)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_deepspeed_stages_equal_single_process(tmp_path: Path) -> None:
-    spawn(_train_worker, str(tmp_path), "deepspeed", STAGES, "group", "float32", timeout=540)
+    spawn(_ds_worker, str(tmp_path), timeout=540)
+    for rank in range(2):
+        bf16 = torch.load(tmp_path / f"bf16_rank{rank}.pt")
+        assert bf16["checked"] > 20 and not any(bf16["moved"]), bf16
     ref = reference("group", torch.float32, tmp_path)
     assert len(ref["mask_updates"]) >= 6 and ref["gc_conflicts"] >= 2
     for stage in STAGES:
