@@ -1,6 +1,6 @@
-"""Export round trip: sub-net k as a plain model gives sub-net k's logits (torchvision
-ResNet loaded by plain torchvision from a weights_only file; tiny CNN as state_dict and torch.export program), and the
-sparse files (CSR, packed N:M) densify back to the same weights."""
+"""Export round trip: sub-net k as a plain model gives sub-net k's logits (a ResNet file
+loaded weights_only by plain torchvision; the tiny CNN as state_dict and torch.export
+program), and the sparse files (CSR, packed N:M) densify back to the same weights."""
 
 from __future__ import annotations
 
