@@ -400,6 +400,12 @@ def engine_load(trainer: Trainer, folder: Path) -> None:
             "cannot restore DeepSpeed's optimizer state"
         )
     engine.load_checkpoint(str(folder / "deepspeed"), tag="engine")
+    # torch's Optimizer.load_state_dict (which DeepSpeed calls on the client optimizer)
+    # replaces the param_group dicts: re-link PartitionMaskedSGD's sparse group (the
+    # partitions GC and the masked update run on), or GC would stop after a resume.
+    opt = getattr(getattr(trainer, "sync", None), "optimizer", None)
+    if opt is not None and hasattr(opt, "_sparse_group") and opt.param_groups:
+        opt._sparse_group = opt.param_groups[0]
 
 
 def _meta(trainer: Trainer) -> dict:
@@ -565,19 +571,22 @@ def _fsync_dir(path: Path) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def _targets(trainer: Trainer, keys: set[str], saved_world: int) -> dict[str, Any]:
+def _targets(trainer: Trainer, saved: dict, saved_world: int) -> dict[str, Any]:
     """Tensors for DCP to load into, shaped by this run and by what the checkpoint holds
     (momentum and the GC buffer exist only once a step ran)."""
     t = trainer
     r = t.dist.rank
-    gc_prev_keys = sorted(
-        (k for k in keys if k.startswith("gc.prev.")), key=lambda k: int(k.split(".")[-1])
-    )
-    weights = t.model.sparse_weights()
-    gc_prev = {str(i): torch.zeros_like(w, dtype=torch.float32) for i, w in enumerate(weights)}
-    gc_prev = {k: v for k, v in gc_prev.items() if f"gc.prev.{k}" in keys}
-    if gc_prev and len(gc_prev) != len(gc_prev_keys):
-        raise CheckpointError("the checkpoint's GC buffer does not match the model's sparse layers")
+    keys = set(saved)
+    # GC's g_prev: one tensor per sparse layer (DDP) or per flat fp32 partition
+    # (DeepSpeed), so its shapes come from the checkpoint; the step checks them
+    gc_prev = {
+        k[len("gc.prev.") :]: torch.zeros(tuple(saved[k].size), dtype=saved[k].properties.dtype)
+        for k in keys
+        if k.startswith("gc.prev.")
+    }
+    if sorted(gc_prev, key=int) != [str(i) for i in range(len(gc_prev))]:
+        raise CheckpointError("the checkpoint's GC buffer is incomplete")
+    gc_prev = {k: v.to(t.dist.device) for k, v in gc_prev.items()}
 
     optim: dict[str, torch.Tensor] = {}
     params = dict(t.model.named_parameters())
@@ -629,10 +638,9 @@ def load_checkpoint(trainer: Trainer, path: Path) -> dict:
     check_compatible(meta, t.config, path)
     md = _read_dcp_metadata(path)
     saved = md.state_dict_metadata
-    keys = set(saved)
     _check_shapes(t, saved, path)
 
-    state = _targets(t, keys, int(meta["world_size"]))
+    state = _targets(t, saved, int(meta["world_size"]))
     # mask_updates has a data-dependent length: size its target from the metadata
     mu = saved.get("mask_updates")
     n_updates = int(mu.size[0]) if mu is not None else 0
