@@ -162,6 +162,14 @@ def test_hook_plan_falls_back_to_dense_above_threshold() -> None:
     model.set_masks(0, [torch.ones_like(m) for m in m0])
     state.masks_changed(0)
     assert not state.plan(0, buf, params, 0).compact
+    # A checkpoint load writes the mask buffers in place: seen without masks_changed().
+    state_dict = {k: v.clone() for k, v in model.state_dict().items()}
+    for k in state_dict:
+        if k.endswith("masks"):
+            state_dict[k][0] = torch.rand(state_dict[k][0].shape) < 0.2
+    model.load_state_dict(state_dict)
+    new = sum(int(v[0].sum()) for k, v in state_dict.items() if k.endswith("masks"))
+    assert state.plan(0, buf, params, 0).active == new + biases
 
 
 @pytest.mark.slow

@@ -13,7 +13,9 @@ every rank (rank 0 decides them, see :mod:`dist_ast.distributed.mask_sync`), so 
 indices are never exchanged: each rank computes the same index list from its own masks.
 
 Index lists are cached per (bucket, sub-net) and rebuilt when that sub-net's masks
-change (:meth:`MaskedAllReduceState.masks_changed`) or the bucket's parameters change
+change (:meth:`MaskedAllReduceState.masks_changed`, or any in-place write to the mask
+buffers, e.g. a checkpoint load, seen through their version counters) or the bucket's
+parameters change
 (DDP rebuilds its buckets after the first iteration; we key the cache on the bucket's
 parameter identities, so no warm-up iteration is needed).
 
@@ -47,7 +49,7 @@ class _BucketPlan:
     """How to pack one bucket for one sub-net."""
 
     signature: tuple
-    version: int
+    version: tuple  # (explicit counter, the masks' in-place version counters)
     index: torch.Tensor | None  # flat positions to send; None = send the whole bucket
     active: int  # entries sent when compact
 
@@ -104,19 +106,33 @@ class MaskedAllReduceState:
     ) -> _BucketPlan:
         """The cached packing plan of bucket ``key`` for ``subnet`` (rebuilt when stale)."""
         signature = (buffer.numel(), tuple(id(p) for p in params))
+        version = self._version(subnet)
         plan = self._plans.get((key, subnet))
-        if plan is not None and plan.signature == signature:
-            if plan.version == self._versions[subnet]:
-                return plan
-        plan = self._build_plan(signature, buffer, params, subnet)
+        if plan is not None and plan.signature == signature and plan.version == version:
+            return plan
+        plan = self._build_plan(signature, version, buffer, params, subnet)
         self._plans[(key, subnet)] = plan
         return plan
 
     @torch.no_grad()
+    def _version(self, subnet: int) -> tuple:
+        """Changes whenever sub-net ``subnet``'s masks may have: masks_changed(), or any
+        in-place write to a mask buffer (the updater's set_masks, a checkpoint load),
+        which bumps the tensor's version counter, or a replaced buffer."""
+        masks = self.model.masks(subnet)
+        return (
+            self._versions[subnet],
+            tuple((m.data_ptr(), m._version) for m in masks),
+        )
+
     def _build_plan(
-        self, signature: tuple, buffer: torch.Tensor, params: list[torch.Tensor], subnet: int
+        self,
+        signature: tuple,
+        version: tuple,
+        buffer: torch.Tensor,
+        params: list[torch.Tensor],
+        subnet: int,
     ) -> _BucketPlan:
-        version = self._versions[subnet]
         n = buffer.numel()
         keep = torch.ones(n, dtype=torch.bool, device=buffer.device)
         masks = self.model.masks(subnet)

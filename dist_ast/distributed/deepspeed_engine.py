@@ -170,10 +170,13 @@ class PartitionMaskedSGD(MaskedSGD):
     def _flat_masks(self, flat: torch.Tensor, k: int) -> tuple:
         """(grad/update mask, GC mask) of sub-net k over ``flat``; None = all True / none."""
         key = (id(flat), k)
-        if key in self._mask_cache:
-            return self._mask_cache[key]
-        segs = self._segments[id(flat)]
         masks = self.model.masks(k)
+        # In-place writes to the masks (updates, checkpoint loads) bump version counters.
+        version = tuple((m.data_ptr(), m._version) for m in masks)
+        cached = self._mask_cache.get(key)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        segs = self._segments[id(flat)]
         update = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
         gc = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
         touched = has_sparse = False
@@ -190,7 +193,7 @@ class PartitionMaskedSGD(MaskedSGD):
                 update[s.hp : s.hp + s.n] = rows.reshape(-1)[s.lp : s.lp + s.n]
                 touched = True
         out = (update.view_as(flat) if touched else None, gc.view_as(flat) if has_sparse else None)
-        self._mask_cache[key] = out
+        self._mask_cache[key] = (version, out)
         return out
 
     # -- the step -----------------------------------------------------------------------
