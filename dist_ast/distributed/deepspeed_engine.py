@@ -125,7 +125,9 @@ class PartitionMaskedSGD(MaskedSGD):
             for p in (m.weight, m.bias)
         }
         self._mask_cache: dict[tuple[int, int], tuple] = {}
-        self._sparse_group = self.param_groups[0]  # build_param_groups puts them all here
+        # build_param_groups puts every sparse weight in group 0; a key in the group (not
+        # the dict's identity) survives DeepSpeed's regrouping and checkpoint loads.
+        self.param_groups[0]["ast_sparse"] = True
 
     # -- layout -------------------------------------------------------------------------
     def link(self, partitioned: bool, reduce_group: object | None) -> None:
@@ -208,13 +210,13 @@ class PartitionMaskedSGD(MaskedSGD):
         plan.ran = True
         flats = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         masks = {id(p): self._flat_masks(p, plan.subnet) for p in flats}
-        if plan.capture_dense and any(g is self._sparse_group for g in self.param_groups):
+        if plan.capture_dense and self._has_sparse_group():
             plan.dense = self._dense_sparse_grads(flats)
         for p in flats:
             upd = masks[id(p)][0]
             if upd is not None:
                 p.grad.mul_(upd)
-        if plan.gc is not None and any(g is self._sparse_group for g in self.param_groups):
+        if plan.gc is not None and self._has_sparse_group():
             gc_flats = [p for p in flats if masks[id(p)][1] is not None]
             grads = [p.grad for p in gc_flats]
             gc_masks = [masks[id(p)][1] for p in gc_flats]
@@ -227,6 +229,9 @@ class PartitionMaskedSGD(MaskedSGD):
             for p, g in zip(gc_flats, corrected, strict=False):
                 p.grad = g
         super().step({p: masks[id(p)][0] for p in flats if masks[id(p)][0] is not None})
+
+    def _has_sparse_group(self) -> bool:
+        return any(g.get("ast_sparse", False) for g in self.param_groups)
 
     def _gc_reduce_group(self) -> object | None:
         if not self.partitioned:
