@@ -88,7 +88,9 @@ def build_transform(dataset: str, train: bool, image_size: int, rrc_min: float):
 
 
 class Normalizer:
-    """uint8 NCHW batch -> float32 normalized on the device."""
+    """uint8 NCHW batch -> float32 normalized, on the given device. For CUDA training the
+    workers ship uint8 and this runs on the GPU; for CPU training it runs in the workers
+    (single-threaded there, in parallel with the training step)."""
 
     def __init__(self, dataset: str, device: torch.device) -> None:
         mean, std = NORM.get(dataset, NORM["imagenet"])
@@ -162,7 +164,10 @@ def _decode(jpg: bytes):
 
 
 def _make_batch(
-    samples: list[tuple[str, bytes, int, str]], transform, gen_seed: int
+    samples: list[tuple[str, bytes, int, str]],
+    transform,
+    gen_seed: int,
+    normalize: Normalizer | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Decode + augment a batch; a sample that fails to decode is replaced by the next
     good one of the batch (and counted). All random draws come from gen_seed."""
@@ -188,6 +193,8 @@ def _make_batch(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(gen_seed)
         x = torch.stack([transform(im) for im in images])
+    if normalize is not None:
+        x = normalize(x)
     return x, torch.tensor(labels, dtype=torch.int64), len(bad)
 
 
@@ -205,6 +212,7 @@ class _TrainSpec:
     workers: int
     shuffle_batches: int
     transform: Any
+    normalize: Normalizer | None  # in the workers (CPU training) or None (on the device)
 
     def read_stream(self, epoch: int, q0: int, q1: int) -> list[tuple[str, bytes, int, str]]:
         """Samples at stream positions [q0, q1) of an epoch's window (cyclic over the slice)."""
@@ -249,7 +257,7 @@ class _EpochStream(IterableDataset):
             for i in range(max(0, done - j), nb):
                 sel = perm[i * L.batch_size : (i + 1) * L.batch_size]
                 seed = _mix(L.seed, epoch, L.rank, t0 + i, 1)
-                yield _make_batch([samples[k] for k in sel], L.transform, seed)
+                yield _make_batch([samples[k] for k in sel], L.transform, seed, L.normalize)
 
 
 class WdsTrainLoader:
@@ -290,6 +298,7 @@ class WdsTrainLoader:
             workers=self.workers,
             shuffle_batches=self.shuffle_batches,
             transform=build_transform(dataset, True, image_size, rrc_min),
+            normalize=None if self.device.type == "cuda" else Normalizer(dataset, self.device),
         )
         self.normalize = Normalizer(dataset, self.device)
         self.epoch = 0
@@ -337,7 +346,9 @@ class WdsTrainLoader:
                     self.bad_samples += int(bad)
                     self.batches_consumed += 1
                     x = x.to(self.device, non_blocking=True)
-                    yield self.normalize(x), y.to(self.device, non_blocking=True)
+                    if x.dtype == torch.uint8:
+                        x = self.normalize(x)
+                    yield x, y.to(self.device, non_blocking=True)
             self.epoch += 1
             self.batches_consumed = 0
             self._saved_workers = self.workers
@@ -373,7 +384,7 @@ class _EvalStream(IterableDataset):
         for t in range(t0, t0 + counts[w]):
             g0 = L.lo + t * L.batch_size
             samples = _read_samples(L.shards, g0, min(L.hi, g0 + L.batch_size))
-            yield _make_batch(samples, L.transform, 0)
+            yield _make_batch(samples, L.transform, 0, L.worker_normalize)
 
 
 class WdsEvalLoader:
@@ -400,6 +411,8 @@ class WdsEvalLoader:
         self.workers = max(1, self.num_workers)
         self.transform = build_transform(dataset, False, image_size, 0.08)
         self.normalize = Normalizer(dataset, self.device)
+        cpu = self.device.type != "cuda"
+        self.worker_normalize = Normalizer(dataset, torch.device("cpu")) if cpu else None
         self.bad_samples = 0
 
     def __len__(self) -> int:
@@ -416,7 +429,8 @@ class WdsEvalLoader:
         )
         for x, y, bad in dl:
             self.bad_samples += int(bad)
-            yield self.normalize(x.to(self.device)), y.to(self.device)
+            x = x.to(self.device)
+            yield (self.normalize(x) if x.dtype == torch.uint8 else x), y.to(self.device)
 
     def stats(self) -> dict[str, int]:
         return {"bad_samples": self.bad_samples}
