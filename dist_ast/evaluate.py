@@ -243,3 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+
+
+def cli() -> None:
+    """Console-script entry point (`dist-ast-evaluate`): exit status 0 on success."""
+    main()

@@ -245,3 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+
+
+def cli() -> None:
+    """Console-script entry point (`dist-ast-export`): exit status 0 on success."""
+    main()

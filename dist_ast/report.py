@@ -231,8 +231,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
     argv = sys.argv[1:] if argv is None else argv
     positional = [a for a in argv if "=" not in a]
     options = dict(a.split("=", 1) for a in argv if "=" in a)
-    if len(positional) != 1 or set(options) - {"out", "ckpt"}:
+    if len(positional) != 1 or set(options) - {"out", "ckpt"} or positional[0].startswith("-"):
         raise SystemExit("usage: python -m dist_ast.report RUN_DIR [out=DIR] [ckpt=PATH]")
+    if not (Path(positional[0]) / "metrics.jsonl").is_file():
+        raise SystemExit(
+            f"{positional[0]} has no metrics.jsonl: pass the run_dir of a dist_ast.train run"
+        )
     written = write_report(positional[0], options.get("out"), options.get("ckpt"))
     console = Console()
     for p in written:
@@ -241,4 +245,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
+    main()
+
+
+def cli() -> None:
+    """Console-script entry point (`dist-ast-report`): exit status 0 on success."""
     main()
