@@ -207,7 +207,7 @@ def test_build_loaders_digits_shards_writes_the_shards(loader, tmp_path: Path, d
     assert x.shape == (32, 3, 32, 32) and y.dtype == torch.int64
     assert sum(len(y) for _, y in L.val) == 297 - 297 // 2
     sd = L.train.state_dict()
-    assert all(isinstance(v, int | torch.Tensor) for v in sd.values())
+    assert all(type(v) is int for v in sd.values())
 
 
 def test_build_loaders_errors(tmp_path: Path, cifar) -> None:
@@ -276,24 +276,19 @@ def test_dali_state_has_fixed_shapes_for_in_place_loading() -> None:
 
 
 @needs_dali
-def test_dali_resume_through_a_fresh_state_dict(digits: Path) -> None:
-    """As torch.distributed.checkpoint does it: a fresh loader's state_dict is filled in
-    place from the saved one, then loaded."""
+def test_dali_resume_from_plain_ints(digits: Path) -> None:
+    """The state is plain ints (what dist_ast.checkpoint stores); a new loader resumes."""
+    from dist_ast.data.dali import bytes_to_ints, ints_to_bytes
+
+    assert ints_to_bytes(bytes_to_ints(b"abcdefghij")) == b"abcdefghij"
     a = train_loader("dali", digits)
     it = iter(a)
     take(it, 4)
     saved = a.state_dict()
+    assert all(type(v) is int for v in saved.values()) and saved["dali_len"] > 0
     want = take(it, 2)
     b = train_loader("dali", digits)
-    target = b.state_dict()
-    assert {k: getattr(v, "shape", None) for k, v in target.items()} == {
-        k: getattr(v, "shape", None) for k, v in saved.items()
-    }
-    target["dali_checkpoint"].copy_(saved["dali_checkpoint"])
-    target.update(epoch=saved["epoch"], batches_consumed=saved["batches_consumed"])
-    b.load_state_dict(target)
+    b.load_state_dict({k: int(v) for k, v in saved.items()})
     got = take(iter(b), 2)
-    assert all(
-        torch.equal(x, wx) and torch.equal(y, wy)
-        for (x, y), (wx, wy) in zip(got, want, strict=True)
-    )
+    for (x, y), (wx, wy) in zip(got, want, strict=True):
+        assert torch.equal(x, wx) and torch.equal(y, wy)

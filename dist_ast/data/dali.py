@@ -59,6 +59,20 @@ def unpack_bytes(t: torch.Tensor) -> bytes:
     return raw[8 : 8 + n]
 
 
+def bytes_to_ints(data: bytes, prefix: str = "dali") -> dict[str, int]:
+    """bytes -> {prefix_len: n, prefix_0000: word, ...}, 8-byte little-endian words."""
+    out = {f"{prefix}_len": len(data)}
+    for i in range(0, len(data), 8):
+        out[f"{prefix}_{i // 8:04d}"] = int.from_bytes(data[i : i + 8], "little")
+    return out
+
+
+def ints_to_bytes(state: dict[str, Any], prefix: str = "dali") -> bytes:
+    n = int(state.get(f"{prefix}_len", 0))
+    words = [int(state[f"{prefix}_{i:04d}"]) for i in range(-(-n // 8))]
+    return b"".join(w.to_bytes(8, "little") for w in words)[:n]
+
+
 def dali_available() -> bool:
     try:
         import nvidia.dali  # noqa: F401
@@ -315,11 +329,10 @@ class DaliTrainLoader:
     def stats(self) -> dict[str, int]:
         return {"bad_samples": 0}
 
-    def state_dict(self) -> dict[str, Any]:
-        """epoch, batches_consumed, and DALI's checkpoint packed into a fixed-size uint8
-        tensor (8-byte length, then the bytes), so that a fresh loader's state_dict has
-        the same shapes as a saved one (torch.distributed.checkpoint loads in place).
-        The DALI part is rank-local: save it per rank."""
+    def state_dict(self) -> dict[str, int]:
+        """Plain ints: epoch, batches_consumed, and DALI's checkpoint (about 400 bytes) as
+        ``dali_len`` plus 8-byte little-endian words ``dali_0000``, ``dali_0001``, ... .
+        The DALI part is rank-local (its length may differ by rank): save it per rank."""
         if self._iter is not None:
             cp = self._iter.checkpoints()[0]
         else:
@@ -329,14 +342,16 @@ class DaliTrainLoader:
         return {
             "epoch": self.epoch,
             "batches_consumed": self.batches_consumed,
-            "dali_checkpoint": pack_bytes(cp or b""),
+            **bytes_to_ints(cp or b""),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self.batches_consumed = int(state["batches_consumed"])
-        cp = state.get("dali_checkpoint")
-        cp = unpack_bytes(cp) if cp is not None else b""
+        if "dali_checkpoint" in state:  # the packed-tensor form
+            cp = unpack_bytes(state["dali_checkpoint"])
+        else:
+            cp = ints_to_bytes(state)
         if not cp and (self.epoch or self.batches_consumed):
             log.warning(
                 "no DALI checkpoint in the loader state: the reader restarts at the beginning "
