@@ -67,9 +67,13 @@ def test_kill9_then_same_command_resumes_bit_exact(reference, tmp_path):
     )
     try:
         cu.wait_until(
-            lambda: cu.last_step(run_dir) >= kill_after or proc.poll() is not None,
+            # an async save commits a step or two after it was staged: wait for one
+            lambda: (
+                (cu.last_step(run_dir) >= kill_after and complete_checkpoints(run_dir))
+                or proc.poll() is not None
+            ),
             timeout=240,
-            what=f"step {kill_after}",
+            what=f"step {kill_after} and a complete checkpoint",
             poll=0.02,
         )
         proc.send_signal(signal.SIGKILL)
