@@ -295,6 +295,11 @@ class Trainer:
         }
         if out["mask_update"]:
             record["mask_update"] = out["mask_update"]
+        if out.get("comm_bytes") is not None:
+            record["comm_bytes"] = out["comm_bytes"]
+        stats = getattr(self.loaders.train, "stats", None)
+        if stats is not None:  # corrupt samples skipped by the shard loader (docs/data.md)
+            record["bad_samples"] = stats()["bad_samples"]
         self.metrics.write(record)
 
     def log_eval(self, results: list[dict]) -> None:
