@@ -21,6 +21,9 @@ except ImportError:  # plain `pytest` without the repo root on sys.path
     import ckpt_utils as cu
     from slurm_utils import requeue, slurm_skip_reason, state, submit, wait
 
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+            "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
@@ -62,15 +65,13 @@ def test_sbatch_requeue_mid_run_resumes_to_the_same_result(tmp_path, tmp_path_fa
     )
     try:
         cu.wait_until(
-            lambda: (
-                (run_dir / "checkpoints" / "step-8").is_dir()
-                or state(job) != "RUNNING"
-                and state(job) != "PENDING"
-            ),
+            # transient states (CONFIGURING, COMPLETING, "") must not end the wait
+            lambda: (run_dir / "checkpoints" / "step-8").is_dir() or state(job) in FINISHED,
             timeout=240,
             what="the first checkpoint",
             poll=0.1,
         )
+        assert (run_dir / "checkpoints" / "step-8").is_dir(), out.read_text()[-3000:]
         assert state(job) == "RUNNING", out.read_text()[-3000:]
         requeue(job)  # SIGTERM to every process: the ranks save, Slurm requeues the job
         final = wait(job, timeout=400)
