@@ -26,9 +26,13 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     threshold = torch.kthvalue(flat, n - k + 1).values
     above = flat > threshold
     missing = k - int(above.sum())
-    at = flat == threshold
-    take = at & (torch.cumsum(at, 0) <= missing)
-    return (above | take).view_as(scores)
+    if missing > 0:
+        # The first `missing` tied positions in index order (nonzero is ascending); the
+        # same choice as a cumulative count over `flat == threshold`, without an int64
+        # pass over all n positions (0.5 s at 25M weights on CPU, 3 per update).
+        tied = (flat == threshold).nonzero().squeeze(1)[:missing]
+        above[tied] = True
+    return above.view_as(scores)
 
 
 def random_mask(
