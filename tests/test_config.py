@@ -47,17 +47,26 @@ def test_experiments_compose():
 
 
 def test_ramp_that_never_reaches_target_is_rejected():
-    cfg = compose_config(["experiment=demo", "ast.ramp_end_epoch=29.9", "ast.update_every=500",
-                          "ast.stagger=100"])
+    cfg = compose_config(
+        ["experiment=demo", "ast.ramp_end_epoch=29.9", "ast.update_every=500", "ast.stagger=100"]
+    )
     with pytest.raises(ConfigError, match="ramp_end_epoch"):
         build_schedule(cfg, steps_per_epoch=23)
 
 
 def test_cli_exits_2_naming_the_key(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "dist_ast.train", "experiment=demo", f"run_dir={tmp_path}",
-         "ast.sparsities=[0.9,0.5]"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "dist_ast.train",
+            "experiment=demo",
+            f"run_dir={tmp_path}",
+            "ast.sparsities=[0.9,0.5]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "ast.sparsities" in proc.stderr + proc.stdout

@@ -12,9 +12,18 @@ import pytest
 @pytest.mark.slow
 def test_demo_command_trains_every_subnet_well_above_chance(tmp_path):
     cmd = [
-        sys.executable, "-m", "dist_ast.train", "experiment=demo", f"run_dir={tmp_path}",
-        "train.epochs=8", "ast.ramp_end_epoch=5", "ast.update_every=15", "ast.stagger=5",
-        "model.width=16", "train.progress=false", "train.eval_every=60",
+        sys.executable,
+        "-m",
+        "dist_ast.train",
+        "experiment=demo",
+        f"run_dir={tmp_path}",
+        "train.epochs=8",
+        "ast.ramp_end_epoch=5",
+        "ast.update_every=15",
+        "ast.stagger=5",
+        "model.width=16",
+        "train.progress=false",
+        "train.eval_every=60",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

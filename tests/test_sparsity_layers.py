@@ -47,8 +47,11 @@ def test_first_conv_dense_classifier_configurable():
     assert type(m.net.conv1) is nn.Conv2d and isinstance(m.net.fc, SubnetLinear)
     m2 = build_subnet_model(ModelConfig(name="resnet18", dense_classifier=True), 2)
     assert type(m2.net.fc) is nn.Linear and "fc" not in m2.sparse_names
-    assert all(isinstance(b, SwitchableBatchNorm2d) for b in m2.net.modules()
-               if isinstance(b, nn.modules.batchnorm._BatchNorm | SwitchableBatchNorm2d))
+    assert all(
+        isinstance(b, SwitchableBatchNorm2d)
+        for b in m2.net.modules()
+        if isinstance(b, nn.modules.batchnorm._BatchNorm | SwitchableBatchNorm2d)
+    )
     assert isinstance(m.net.layer1[0].conv1, SubnetConv2d)
 
 
@@ -89,8 +92,16 @@ def test_switchable_bn_uses_and_updates_only_its_set():
     bn.subnet = 1
     bn.train()
     y = bn(x)
-    ref = F.batch_norm(x, before["running_mean"][1].clone(), before["running_var"][1].clone(),
-                       bn.weight[1], bn.bias[1], True, 0.1, 1e-5)
+    ref = F.batch_norm(
+        x,
+        before["running_mean"][1].clone(),
+        before["running_var"][1].clone(),
+        bn.weight[1],
+        bn.bias[1],
+        True,
+        0.1,
+        1e-5,
+    )
     assert torch.allclose(y, ref, atol=1e-6)
     for name in ("running_mean", "running_var"):
         buf = getattr(bn, name)
@@ -103,8 +114,9 @@ def test_switchable_bn_uses_and_updates_only_its_set():
     bn.eval()
     bn.subnet = 2
     ev = bn(x)
-    ref2 = F.batch_norm(x, bn.running_mean[2], bn.running_var[2], bn.weight[2], bn.bias[2],
-                        False, 0.1, 1e-5)
+    ref2 = F.batch_norm(
+        x, bn.running_mean[2], bn.running_var[2], bn.weight[2], bn.bias[2], False, 0.1, 1e-5
+    )
     assert torch.allclose(ev, ref2, atol=1e-6)
 
 

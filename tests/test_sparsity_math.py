@@ -163,7 +163,9 @@ def test_prune_and_regrow_exact_counts(seed, sizes, d_active, d_target, frac):
     total = sum(x.numel() for x in w)
     g = torch.Generator().manual_seed(seed)
     flat = random_mask((total,), density_count(d_active, total), g)
-    masks = [m.view(s) for m, s in zip(torch.split(flat, [x.numel() for x in w]), shapes, strict=True)]
+    masks = [
+        m.view(s) for m, s in zip(torch.split(flat, [x.numel() for x in w]), shapes, strict=True)
+    ]
     active = int(flat.sum())
     target = min(density_count(d_target, total), active)
     new = prune_and_regrow(w, masks, grads, target_count=target, regrow_fraction=frac)
@@ -318,8 +320,14 @@ def test_masked_sgd_matches_torch_sgd_inside_mask():
 def test_masked_sgd_function_without_momentum():
     p = torch.zeros(4)
     buf = masked_sgd_(
-        p, torch.ones(4), None, torch.tensor([True, False, True, False]),
-        lr=1.0, momentum=0.0, weight_decay=0.0, nesterov=False,
+        p,
+        torch.ones(4),
+        None,
+        torch.tensor([True, False, True, False]),
+        lr=1.0,
+        momentum=0.0,
+        weight_decay=0.0,
+        nesterov=False,
     )
     assert buf is None and p.tolist() == [-1.0, 0.0, -1.0, 0.0]
 
