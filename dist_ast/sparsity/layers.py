@@ -19,7 +19,7 @@ class _StraightThroughMask(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return weight * mask
+        return torch.where(mask, weight, 0.0)  # no bool->float copy of the mask
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
