@@ -212,6 +212,18 @@ def test_regrowth_uses_dense_gradient_not_masked_one():
     assert same.tolist() != new.tolist()
 
 
+def test_protected_weights_rank_first_but_by_magnitude_when_too_many():
+    """CS with stagger: the sparser sub-net can hold more weights than the new count;
+    the kept ones are then its largest, not the lowest indices (a whole layer)."""
+    w = [torch.tensor([0.1, 0.2, 0.3]), torch.tensor([5.0, 4.0, 0.05])]
+    masks = [torch.ones(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool)]
+    protect = [torch.tensor([True, True, False]), torch.tensor([True, True, False])]
+    new = global_magnitude_prune(w, masks, 3, protect)
+    assert new[0].tolist() == [False, True, False] and new[1].tolist() == [True, True, False]
+    few = global_magnitude_prune(w, masks, 5, protect)
+    assert few[0].tolist() == [True, True, True] and few[1].tolist() == [True, True, False]
+
+
 def test_protected_positions_are_never_dropped():
     w = torch.tensor([0.01, 0.5, 0.6, 0.0])
     mask = torch.tensor([True, True, True, False])

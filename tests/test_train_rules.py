@@ -237,6 +237,8 @@ def test_completely_subset_masks_are_nested(tmp_path):
             assert not (sparse & ~dense).any()
     for k in range(3):
         assert model.sparsity(k) == pytest.approx(trainer.config.ast.sparsities[k], abs=1e-4)
+        for name, m in zip(model.sparse_names, model.masks(k), strict=True):
+            assert m.any(), f"sub-net {k} lost every weight of {name}"
 
 
 def test_non_disjoint_masks_differ_beyond_the_sparsity_gap(tmp_path):

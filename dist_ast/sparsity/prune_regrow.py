@@ -28,12 +28,16 @@ def global_magnitude_prune(
     active = sum(int(m.sum()) for m in masks)
     if keep >= active:
         return [m.clone() for m in masks]
+    # Protected weights rank above all others but keep their magnitude order among
+    # themselves: with stagger, the next sparser sub-net may still hold more weights than
+    # ``keep``, and a flat +inf would then cut by index order (whole last layers).
+    shift = 1.0 + max(float(w.detach().abs().max()) for w in weights) if protect else 0.0
     scores = []
     for i, (w, m) in enumerate(zip(weights, masks, strict=True)):
-        s = w.detach().abs().float().masked_fill(~m, -math.inf)
+        s = w.detach().abs().float()
         if protect is not None:
-            s = s.masked_fill(protect[i] & m, math.inf)
-        scores.append(s.reshape(-1))
+            s = torch.where(protect[i] & m, s + shift, s)
+        scores.append(s.masked_fill(~m, -math.inf).reshape(-1))
     flat = topk_mask(torch.cat(scores), keep)
     new = [m & f for m, f in zip(masks, split_flat(flat, masks), strict=True)]
     assert sum(int(m.sum()) for m in new) == keep
