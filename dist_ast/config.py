@@ -248,10 +248,7 @@ class RunConfig:
 
 def to_run_config(cfg: DictConfig | dict) -> RunConfig:
     """Build the validated dataclasses from a Hydra/OmegaConf config (or a plain dict)."""
-    if isinstance(cfg, dict):
-        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
-    else:
-        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, RunConfig)
     return obj

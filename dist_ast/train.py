@@ -164,9 +164,9 @@ class Trainer:
 
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-            for k in dense_grads:
-                inv = 1.0 / self.scaler.get_scale()
-                dense_grads[k] = [g * inv for g in dense_grads[k]]
+            inv = 1.0 / self.scaler.get_scale()
+            for grads in dense_grads.values():  # our own clones: unscale in place
+                torch._foreach_mul_(grads, inv)
 
         # 3. Gradient correction on the sparse weights' gradient (fp32, unscaled).
         conflicted = False

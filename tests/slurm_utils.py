@@ -46,6 +46,18 @@ def _run(cmd: list[str], timeout: float = 30, **kw) -> subprocess.CompletedProce
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
 
 
+def require_slurm() -> None:
+    """Skip the calling test with the reason when Slurm is not usable; fail instead when
+    DIST_AST_REQUIRE_SLURM=1 (CI, which starts the cluster first)."""
+    import pytest
+
+    reason = slurm_skip_reason()
+    if reason is not None:
+        if os.environ.get("DIST_AST_REQUIRE_SLURM") == "1":
+            pytest.fail(f"DIST_AST_REQUIRE_SLURM=1 but {reason}")
+        pytest.skip(reason)
+
+
 def slurm_skip_reason() -> str | None:
     """Why Slurm tests cannot run here, or None when a controller answers."""
     if shutil.which("sbatch") is None:

@@ -8,7 +8,6 @@ DIST_AST_REQUIRE_SLURM=1 to fail instead.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -17,9 +16,9 @@ from pathlib import Path
 import pytest
 
 try:
-    from tests.slurm_utils import slurm_skip_reason
+    from tests.slurm_utils import require_slurm
 except ImportError:  # tests/ itself on sys.path
-    from slurm_utils import slurm_skip_reason
+    from slurm_utils import require_slurm
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(240)]
 
@@ -44,11 +43,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.fixture(autouse=True)
 def _slurm() -> None:
-    reason = slurm_skip_reason()
-    if reason is not None:
-        if os.environ.get("DIST_AST_REQUIRE_SLURM") == "1":
-            pytest.fail(f"DIST_AST_REQUIRE_SLURM=1 but {reason}")
-        pytest.skip(reason)
+    require_slurm()
 
 
 def test_srun_two_tasks_join_one_group_from_slurm_env(tmp_path: Path) -> None:

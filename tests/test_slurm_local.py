@@ -7,7 +7,6 @@ DIST_AST_REQUIRE_SLURM=1 (as CI does) to fail instead of skipping.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -17,20 +16,16 @@ import time
 import pytest
 
 try:
-    from tests.slurm_utils import requeue, slurm_skip_reason, submit, wait, wait_for
+    from tests.slurm_utils import requeue, require_slurm, submit, wait, wait_for
 except ImportError:  # plain `pytest` without the repo root on sys.path
-    from slurm_utils import requeue, slurm_skip_reason, submit, wait, wait_for
+    from slurm_utils import requeue, require_slurm, submit, wait, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _slurm():
-    reason = slurm_skip_reason()
-    if reason is not None:
-        if os.environ.get("DIST_AST_REQUIRE_SLURM") == "1":
-            pytest.fail(f"DIST_AST_REQUIRE_SLURM=1 but {reason}")
-        pytest.skip(reason)
+    require_slurm()
 
 
 def _free_port() -> int:

@@ -16,10 +16,10 @@ import pytest
 
 try:
     from tests import ckpt_utils as cu
-    from tests.slurm_utils import requeue, slurm_skip_reason, state, submit, wait
+    from tests.slurm_utils import requeue, require_slurm, state, submit, wait
 except ImportError:  # plain `pytest` without the repo root on sys.path
     import ckpt_utils as cu
-    from slurm_utils import requeue, slurm_skip_reason, state, submit, wait
+    from slurm_utils import requeue, require_slurm, state, submit, wait
 
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
             "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
@@ -29,11 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 @pytest.fixture(scope="module", autouse=True)
 def _slurm():
-    reason = slurm_skip_reason()
-    if reason is not None:
-        if os.environ.get("DIST_AST_REQUIRE_SLURM") == "1":
-            pytest.fail(f"DIST_AST_REQUIRE_SLURM=1 but {reason}")
-        pytest.skip(reason)
+    require_slurm()
 
 
 def test_sbatch_requeue_mid_run_resumes_to_the_same_result(tmp_path, tmp_path_factory):
