@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -20,7 +21,8 @@ from dist_ast.sparsity import (
     prune_and_regrow,
     regrow_fraction,
 )
-from dist_ast.sparsity.masks import density_count, random_mask, topk_mask
+from dist_ast.sparsity import masks as masks_module
+from dist_ast.sparsity.masks import density_count, kth_largest, random_mask, topk_mask
 from dist_ast.sparsity.optim import masked_sgd_
 
 # -- exact top-k -----------------------------------------------------------------------
@@ -48,6 +50,59 @@ def test_topk_mask_exact_count_and_deterministic_ties(n, frac, seed, levels):
         chosen_tied = (m & (scores == t)).nonzero().flatten()
         assert torch.equal(chosen_tied, tied[: len(chosen_tied)])
     assert torch.equal(m, topk_mask(scores.clone(), k))
+
+
+def _sampled_selection(sample_size: int):
+    """Force the sampled (Floyd–Rivest) path of kth_largest on small inputs."""
+    return mock.patch.multiple(masks_module, SAMPLED_SELECT_MIN=1, SAMPLE_SIZE=sample_size)
+
+
+@given(
+    n=st.integers(1, 3000),
+    kfrac=st.floats(0, 1),
+    seed=st.integers(0, 10_000),
+    levels=st.sampled_from([2, 5, 1000, 0]),  # 0: continuous values
+    neg_inf=st.floats(0, 1),  # share of masked-out (-inf) scores
+    pos_inf=st.sampled_from([0.0, 0.05]),
+    sample_size=st.sampled_from([1, 8, 64, 1024]),
+    ordered=st.booleans(),
+)
+@settings(max_examples=300, deadline=None)
+def test_kth_largest_sampled_is_exact(
+    n, kfrac, seed, levels, neg_inf, pos_inf, sample_size, ordered
+):
+    """The sampled selection returns exactly the k-th largest value whatever the
+    sample (ties, ±inf, sorted inputs that bias a strided sample)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (
+        torch.randn(n, generator=g)
+        if levels == 0
+        else torch.randint(0, levels, (n,), generator=g).float()
+    )
+    u = torch.rand(n, generator=g)
+    x = x.masked_fill(u < neg_inf, -math.inf).masked_fill(u > 1 - pos_inf, math.inf)
+    if ordered:
+        x = x.sort().values
+    k = 1 + int(kfrac * (n - 1))
+    expect = x.sort(descending=True).values[k - 1]
+    with _sampled_selection(sample_size):
+        got = kth_largest(x, k)
+        mask = topk_mask(x, k)
+    assert got == expect, (got, expect)
+    assert int(mask.sum()) == k
+    reference = torch.zeros(n, dtype=torch.bool)  # stable sort: ties to the lower index
+    reference[torch.sort(x, descending=True, stable=True).indices[:k]] = True
+    assert torch.equal(mask, reference)
+
+
+def test_kth_largest_sampled_path_on_a_large_input():
+    """At the default sizes (the path every ResNet-50 update takes) on 2M scores."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2_000_000, generator=g).abs()
+    x[torch.rand(x.shape, generator=g) < 0.7] = -math.inf
+    assert x.numel() >= masks_module.SAMPLED_SELECT_MIN
+    for k in (1, 1234, 400_000, 599_000, 600_500, 1_999_999):
+        assert kth_largest(x, k) == torch.kthvalue(x, x.numel() - k + 1).values, k
 
 
 def test_random_mask_has_exact_count():
