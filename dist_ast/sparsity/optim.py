@@ -29,34 +29,37 @@ def masked_sgd_(
 
     Returns the (new) momentum buffer, or None when momentum is 0.
     """
-    # Same arithmetic as d = g + wd·p; buf' = buf·μ + d; p -= where(mask, lr·buf', 0),
-    # with fewer temporaries: `where(..., out=x)` writes in place, and d is only copied
-    # when it has to change (weight decay, or a dtype cast).
-    if grad.dtype != param.dtype:
-        d = grad.float()
+    # d = g + wd·p; buf' = μ·buf + d; p -= lr·buf' (nesterov: lr·(d + μ·buf')), each only
+    # where the mask is set. `d` is the step's one temporary: every later result is
+    # written into it or into the buffer in place (the ResNet-50 step spends ~0.05 s in
+    # this function on CPU; each extra temporary or pass over 25M weights costs ~10 ms).
+    if weight_decay and grad.dtype == param.dtype:
+        d = torch.add(grad, param, alpha=weight_decay)
+    else:
+        d = grad.to(param.dtype, copy=True)
         if weight_decay:
             d.add_(param, alpha=weight_decay)
-    elif weight_decay:
-        d = grad.add(param, alpha=weight_decay)
-    else:
-        d = grad  # read only below
     if momentum:
         if momentum_buffer is None:
             momentum_buffer = torch.zeros_like(param)
-        if update_mask is None:
-            momentum_buffer.mul_(momentum).add_(d)
+        if nesterov:
+            new_buf = torch.add(d, momentum_buffer, alpha=momentum)
+            _masked_copy_(momentum_buffer, new_buf, update_mask)
+            d.add_(momentum_buffer, alpha=momentum)
         else:
-            new_buf = momentum_buffer * momentum
-            new_buf.add_(d)
-            torch.where(update_mask, new_buf, momentum_buffer, out=momentum_buffer)
-        d = d.add(momentum_buffer, alpha=momentum) if nesterov else momentum_buffer
-    if update_mask is None:
-        param.add_(d, alpha=-lr)
-    else:
-        step = d * lr
-        torch.where(update_mask, step, torch.zeros((), dtype=d.dtype, device=d.device), out=step)
-        param.sub_(step)
+            d.add_(momentum_buffer, alpha=momentum)  # d is now buf'
+            _masked_copy_(momentum_buffer, d, update_mask)
+    if update_mask is not None:
+        torch.where(update_mask, d, torch.zeros((), dtype=d.dtype, device=d.device), out=d)
+    param.add_(d, alpha=-lr)
     return momentum_buffer
+
+
+def _masked_copy_(dst: torch.Tensor, src: torch.Tensor, mask: torch.Tensor | None) -> None:
+    if mask is None:
+        dst.copy_(src)
+    else:
+        torch.where(mask, src, dst, out=dst)
 
 
 class MaskedSGD(torch.optim.Optimizer):
