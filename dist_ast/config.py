@@ -69,6 +69,10 @@ class ASTConfig:
     sparsities: list[float] = field(default_factory=lambda: [0.5, 0.8, 0.9])  # s_k, ascending
     initial_sparsity: float = 0.0  # s_i: 0, 0.5, 0.8 or 0.9 in the paper
     gradient_correction: bool = True  # AST+GC
+    # Without GC, still count the steps whose gradient conflicts with the previous one
+    # (paper Fig. 4 for plain AST). Costs one fp64 pass over the gradient per step (~5%
+    # of a ResNet-50 CPU step), so it is off unless asked for; GC always counts.
+    count_conflicts: bool = False
     mask_relation: str = "non_disjoint"  # non_disjoint (ND, default) | completely_subset (CS)
     update_every: int = 100  # ΔT: steps between two mask updates of one sub-net
     stagger: int = 10  # Δτ in *global* steps (the authors count sub-net steps: ~N times more)

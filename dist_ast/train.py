@@ -172,7 +172,7 @@ class Trainer:
         conflicted = False
         # An fp16 step with inf/nan gradients is skipped by the scaler: keep g_prev clean.
         finite = self.scaler is None or all(bool(w.grad.isfinite().all()) for w in weights)
-        if self.mode != "joint" and model.num_subnets > 1 and finite:
+        if self.checks_conflicts and finite:
             grads, conflicted = self.gc(
                 [w.grad for w in weights], model.masks(subnets[0]), schedule.is_group_start(step)
             )
@@ -206,6 +206,16 @@ class Trainer:
             "gc_conflict": conflicted,
             "comm_bytes": self.sync.step_bytes,
         }
+
+    @property
+    def checks_conflicts(self) -> bool:
+        """Whether steps compare g with the previous direction (GC, or counting only)."""
+        ast = self.config.ast
+        return (
+            self.mode != "joint"
+            and self.model.num_subnets > 1
+            and (ast.gradient_correction or ast.count_conflicts)
+        )
 
     @property
     def peak_lr(self) -> float:

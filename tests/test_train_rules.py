@@ -256,6 +256,22 @@ def test_gradient_correction_fires_in_a_real_run(tmp_path):
     assert trainer.gc.conflicts > 0  # the released code's GC never fires; ours does
 
 
+def test_conflicts_counted_without_gc_only_when_asked_and_without_effect(tmp_path):
+    """Plain AST skips the conflict statistics unless ast.count_conflicts=true; counting
+    never changes the trajectory (it only reads the gradient)."""
+    runs = {}
+    for count in (False, True):
+        trainer = make_trainer(
+            tmp_path / str(count), "ast=ast", f"ast.count_conflicts={str(count).lower()}"
+        )
+        run_steps(trainer, 45)
+        runs[count] = trainer
+    assert runs[False].gc.steps_checked == 0
+    assert runs[True].gc.steps_checked == 30 and runs[True].gc.conflicts > 0
+    for a, b in zip(runs[False].model.parameters(), runs[True].model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_individual_mode_is_one_subnet(tmp_path):
     trainer = make_trainer(tmp_path, "ast=individual", "ast.sparsities=[0.8]", "ast.stagger=0")
     run_steps(trainer, 30)

@@ -27,7 +27,7 @@ TITLE = "ablation"
 # name -> overrides on top of the common ones; {s} is replaced per sparsity.
 METHODS: dict[str, list[str]] = {
     "ast_gc": ["ast=ast_gc", "ast.mask_relation=non_disjoint"],
-    "ast": ["ast=ast"],
+    "ast": ["ast=ast", "ast.count_conflicts=true"],
     "individual": ["ast=individual"],
     "joint": ["ast=joint"],
     "ast_gc_cs": ["ast=ast_gc", "ast.mask_relation=completely_subset"],

@@ -37,7 +37,9 @@ TITLE = "comm: masked compact all-reduce vs default all-reduce (gloo, 2 processe
 NOTES = (
     "Ratios are masked/default, timed alternately in one run (best of --repeats; "
     "time_ratio_median from the medians). bytes = all-reduce payload. Goal: bytes ratio = "
-    "density (+ the always-dense first conv, BatchNorm, biases); time ratio <= 0.25 at 0.1."
+    "density (+ the always-dense first conv, BatchNorm, biases); time ratio <= 0.25 at 0.1. "
+    "pack / packed all-reduce / unpack: the hook's three parts timed alone (best of "
+    "--repeats), side by side with the rest."
 )
 
 
@@ -155,11 +157,40 @@ def _bench(rank: int, args: argparse.Namespace) -> list[dict]:
         refill()
         masked_allreduce()
         _check_compact(state, model, buffers, expect, bucket_params, density)
+        # The hook's three parts alone, to show where its time goes: the gather and the
+        # scatter are memory passes over (most cache lines of) every bucket.
+        plans = [
+            state.plan(i, b, ps, 0)
+            for i, (b, ps) in enumerate(zip(buffers, bucket_params, strict=True))
+        ]
+        index = [p.index if p.compact else None for p in plans]
+        packed = [
+            b if i is None else b.index_select(0, i) for b, i in zip(buffers, index, strict=True)
+        ]
+
+        def pack_only(index=index) -> None:
+            for b, i in zip(buffers, index, strict=True):
+                if i is not None:
+                    b.index_select(0, i).div_(ws)
+
+        def allreduce_packed_only(packed=packed) -> None:
+            futs = [dist.all_reduce(q, async_op=True).get_future() for q in packed]
+            torch.futures.wait_all(futs)
+
+        def unpack_only(index=index, packed=packed) -> None:
+            for b, i, q in zip(buffers, index, packed, strict=True):
+                if i is not None:
+                    b.index_copy_(0, i, q)
+
         t_default, t_masked = [], []
+        t_parts: dict[str, list[float]] = {"pack": [], "allreduce": [], "unpack": []}
         for _ in range(args.repeats):
             t_default.append(timed(default_allreduce))
             state.begin_step()
             t_masked.append(timed(masked_allreduce))
+            t_parts["pack"].append(timed(pack_only))
+            t_parts["allreduce"].append(timed(allreduce_packed_only))
+            t_parts["unpack"].append(timed(unpack_only))
         dense_bytes = state.step_dense_bytes
         sent = state.step_bytes
         # Best of the repetitions on each side: on a shared machine the minimum is the
@@ -177,6 +208,7 @@ def _bench(rank: int, args: argparse.Namespace) -> list[dict]:
                 "time_masked_ms": tm * 1e3,
                 "time_ratio": tm / td,
                 "time_ratio_median": statistics.median(t_masked) / statistics.median(t_default),
+                **{f"{part}_ms": min(t) * 1e3 for part, t in t_parts.items()},
             }
         )
         if rank == 0:
@@ -230,6 +262,9 @@ def print_table(rows: list[dict]) -> None:
         "ms masked",
         "time ratio",
         "(medians)",
+        "pack ms",
+        "packed all-reduce ms",
+        "unpack ms",
     ):
         table.add_column(col, justify="right")
     for r in rows:
@@ -242,6 +277,9 @@ def print_table(rows: list[dict]) -> None:
             f"{r['time_masked_ms']:.1f}",
             f"{r['time_ratio']:.3f}",
             f"{r['time_ratio_median']:.3f}",
+            f"{r['pack_ms']:.1f}",
+            f"{r['allreduce_ms']:.1f}",
+            f"{r['unpack_ms']:.1f}",
         )
     Console().print(table)
 

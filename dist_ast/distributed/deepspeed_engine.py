@@ -296,7 +296,7 @@ class DeepSpeedSync(GradSync):
         opt.plan = StepPlan(
             subnet=k,
             group_start=schedule.is_group_start(step),
-            gc=trainer.gc if model.num_subnets > 1 else None,
+            gc=trainer.gc if trainer.checks_conflicts else None,
             capture_dense=bool(updating),
         )
         model.set_subnet(k)
