@@ -3,6 +3,8 @@
 - kill -9 at a random step after a checkpoint, rerun the same command: summary.json,
   metrics.jsonl and every weight, mask and BatchNorm statistic equal the uninterrupted
   run bit for bit (CPU, one rank; tests/test_preemption.py does two ranks and 2 -> 1).
+- the same with engine=deepspeed (ZeRO-2, fp32 and bf16): DeepSpeed's own checkpoint of
+  its partitions resumes bit for bit;
 - a crash in the middle of writing leaves the previous checkpoint, which resume uses;
 - a corrupted, foreign or mismatched checkpoint fails with a message naming the problem
   and writes nothing;
@@ -88,6 +90,46 @@ def test_kill9_then_same_command_resumes_bit_exact(reference, tmp_path):
 
     r = cu.run_train(run_dir, ASYNC)  # the same command
     assert f"resumed from {run_dir / 'checkpoints' / f'step-{newest}'}" in r.stdout + r.stderr
+    cu.assert_same_run(reference, run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_deepspeed_kill9_then_same_command_resumes_bit_exact(precision, tmp_path):
+    """engine=deepspeed (ZeRO-2): the engine's own checkpoint (flat fp32 master partitions
+    and momentum) beside the AST state; killed after step 16 was saved, the same command
+    resumes and ends equal to the uninterrupted run bit for bit."""
+    pytest.importorskip("deepspeed")
+    overrides = ("engine=deepspeed", f"train.precision={precision}")
+    reference = tmp_path / "reference"
+    cu.run_train(reference, *overrides)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        cu.train_cmd(run_dir, *overrides),
+        cwd=cu.REPO,
+        env=cu.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        cu.wait_until(
+            lambda: (
+                (cu.last_step(run_dir) >= 17 and 16 in dict(complete_checkpoints(run_dir)))
+                or proc.poll() is not None
+            ),
+            timeout=300,
+            what="step 17 with the step-16 checkpoint written",
+            poll=0.02,
+        )
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert (run_dir / "checkpoints" / "step-16" / "deepspeed").is_dir()
+
+    r = cu.run_train(run_dir, *overrides)  # the same command
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-16'}" in r.stdout + r.stderr
     cu.assert_same_run(reference, run_dir)
 
 
