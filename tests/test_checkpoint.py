@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from dist_ast.checkpoint import (
     CheckpointError,
+    ReusedStagingStager,
     _MetadataUnpickler,
     complete_checkpoints,
     rng_state,
@@ -261,6 +262,28 @@ def test_bad_checkpoint_fails_clearly_and_writes_nothing(
 
 
 # --------------------------------------------------------------------------- pieces
+
+
+def test_staging_reuses_buffers_and_follows_structure_changes():
+    """Async saves stage into the previous save's CPU buffers; the staged copy is a
+    snapshot (later training writes do not reach it); new paths, shapes or dtypes get
+    new buffers, so a state that grows between saves stages correctly."""
+    stager = ReusedStagingStager()
+    w = torch.randn(5, 3)
+    state = {"model": {"w": w}, "gc": {"prev": {}}, "log": torch.zeros(1, 3, dtype=torch.long)}
+    first = stager.stage(state)
+    assert torch.equal(first["model"]["w"], w) and first["model"]["w"] is not w
+    w.add_(1.0)  # training goes on
+    assert not torch.equal(first["model"]["w"], w)
+    ptr = first["model"]["w"].data_ptr()
+
+    state["gc"]["prev"] = {"0": torch.ones(4)}  # appears after the first step
+    state["log"] = torch.ones(2, 3, dtype=torch.long)  # the mask-update log grew
+    second = stager.stage(state)
+    assert second["model"]["w"].data_ptr() == ptr  # same memory, new values
+    assert torch.equal(second["model"]["w"], w)
+    assert torch.equal(second["gc"]["prev"]["0"], torch.ones(4))
+    assert torch.equal(second["log"], state["log"]) and second["log"].shape == (2, 3)
 
 
 def test_rng_states_round_trip_as_tensors():
