@@ -18,11 +18,11 @@ SAMPLE_SIZE = 1 << 15  # sample size that brackets the k-th largest value
 def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest value of a 1-D tensor, exactly (1 <= k <= n; no NaN).
 
-    kthvalue over 25M scores costs about half a dense ResNet-50 step on CPU, and one
-    update calls it ~100 times. Above ``SAMPLED_SELECT_MIN`` elements a strided sample brackets
-    the answer (Floyd–Rivest), one pass counts what lies above the bracket, and
-    kthvalue runs on the ~2% inside it. The sample only decides the speed: when the
-    bracket misses, kthvalue runs on everything, so the value is always exact.
+    kthvalue over 25M scores costs about a quarter of a dense ResNet-50 step on CPU, and
+    one update calls it ~100 times. Above ``SAMPLED_SELECT_MIN`` elements a strided
+    sample brackets the answer (Floyd–Rivest), one pass counts what lies above the
+    bracket, and kthvalue runs on the ~2% inside it. The sample only decides the speed:
+    when the bracket misses, kthvalue runs on everything, so the value is always exact.
     (``SAMPLED_SELECT_MIN`` and ``SAMPLE_SIZE`` are read per call: tests shrink them.)
     """
     n = flat.numel()
