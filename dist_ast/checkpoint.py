@@ -435,7 +435,8 @@ class ReusedStagingStager(AsyncStager):
     the blocking part a plain memcpy. Unlike DCP's ``BlockingAsyncStager(cache_...)``
     it allows the state's structure to change between saves (the GC buffer appears after
     the first step, the mask-update log grows): a tensor whose path, shape or dtype is new
-    gets a new buffer. Costs one resident CPU copy of the state between saves. A buffer
+    gets a new buffer. Costs one resident CPU copy of the state between saves (pinned
+    when the state is on a GPU). A buffer
     is reused only after the previous write has finished (``Checkpointer.save`` waits).
     """
 
@@ -454,7 +455,9 @@ class ReusedStagingStager(AsyncStager):
             return value
         buf = self._buffers.get(path)
         if buf is None or buf.shape != value.shape or buf.dtype != value.dtype:
-            buf = torch.empty(value.shape, dtype=value.dtype, device="cpu")
+            # pinned host memory when the state is on a GPU: faster device-to-host copies
+            pin = value.device.type == "cuda"
+            buf = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=pin)
             self._buffers[path] = buf
         return buf.copy_(value)
 
