@@ -87,8 +87,18 @@ class GradientCorrection:
             self.conflicts += int(conflicted)
             if self.enabled:
                 grads = corrected
-        self.prev = [g.detach().to(torch.float32, copy=True) for g in grads]
+        self._keep_direction(grads)
         return grads, conflicted
+
+    @torch.no_grad()
+    def _keep_direction(self, grads: list[torch.Tensor]) -> None:
+        """g_prev ← g (fp32), into last step's buffers when the shapes still match: a
+        fresh 100 MB copy per ResNet-50 step costs 4x the copy itself in allocation."""
+        prev = self.prev
+        if prev is not None and [p.shape for p in prev] == [g.shape for g in grads]:
+            torch._foreach_copy_(prev, [g.detach() for g in grads])
+        else:
+            self.prev = [g.detach().to(torch.float32, copy=True) for g in grads]
 
     def state_dict(self) -> dict:
         return {
