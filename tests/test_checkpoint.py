@@ -57,12 +57,11 @@ def reference(tmp_path_factory) -> Path:
 ASYNC = "checkpoint.async_save=true"  # the killed run writes in a thread: a kill may land mid-write
 
 
-@pytest.mark.slow
-def test_kill9_then_same_command_resumes_bit_exact(reference, tmp_path):
-    run_dir = tmp_path / "run"
-    kill_after = random.Random().randint(9, 20)  # some step after the step-8 checkpoint
+def _kill9_when(run_dir: Path, overrides: tuple[str, ...], ready, what: str) -> None:
+    """Start the training command, SIGKILL it once ``ready(run_dir)`` holds; the run must
+    not have finished on its own."""
     proc = subprocess.Popen(
-        cu.train_cmd(run_dir, ASYNC),
+        cu.train_cmd(run_dir, *overrides),
         cwd=cu.REPO,
         env=cu.env(),
         stdout=subprocess.DEVNULL,
@@ -70,20 +69,26 @@ def test_kill9_then_same_command_resumes_bit_exact(reference, tmp_path):
     )
     try:
         cu.wait_until(
-            # an async save commits a step or two after it was staged: wait for one
-            lambda: (
-                (cu.last_step(run_dir) >= kill_after and complete_checkpoints(run_dir))
-                or proc.poll() is not None
-            ),
-            timeout=240,
-            what=f"step {kill_after} and a complete checkpoint",
-            poll=0.02,
+            lambda: ready(run_dir) or proc.poll() is not None, timeout=300, what=what, poll=0.02
         )
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         proc.kill()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+@pytest.mark.slow
+def test_kill9_then_same_command_resumes_bit_exact(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    kill_after = random.Random().randint(9, 20)  # some step after the step-8 checkpoint
+    _kill9_when(
+        run_dir,
+        (ASYNC,),
+        # an async save commits a step or two after it was staged: wait for one
+        lambda d: bool(cu.last_step(d) >= kill_after and complete_checkpoints(d)),
+        f"step {kill_after} and a complete checkpoint",
+    )
     killed_at = cu.last_step(run_dir)
     assert not (run_dir / "summary.json").exists()
     newest = complete_checkpoints(run_dir)[-1][0]
@@ -105,28 +110,12 @@ def test_deepspeed_kill9_then_same_command_resumes_bit_exact(precision, tmp_path
     reference = tmp_path / "reference"
     cu.run_train(reference, *overrides)
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
-        cu.train_cmd(run_dir, *overrides),
-        cwd=cu.REPO,
-        env=cu.env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    _kill9_when(
+        run_dir,
+        overrides,
+        lambda d: cu.last_step(d) >= 17 and 16 in dict(complete_checkpoints(d)),
+        "step 17 with the step-16 checkpoint written",
     )
-    try:
-        cu.wait_until(
-            lambda: (
-                (cu.last_step(run_dir) >= 17 and 16 in dict(complete_checkpoints(run_dir)))
-                or proc.poll() is not None
-            ),
-            timeout=300,
-            what="step 17 with the step-16 checkpoint written",
-            poll=0.02,
-        )
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        proc.kill()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert (run_dir / "checkpoints" / "step-16" / "deepspeed").is_dir()
 
     r = cu.run_train(run_dir, *overrides)  # the same command
