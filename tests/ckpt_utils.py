@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from dist_ast.distributed.setup import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -37,12 +38,6 @@ def env() -> dict[str, str]:
     e.pop("WORLD_SIZE", None)
     e.pop("RANK", None)
     return e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def merged(*overrides: str) -> list[str]:

@@ -11,7 +11,6 @@ mask decisions (top-k on |w| and |grad| over a few thousand weights) are identic
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from torch import nn
 
 from dist_ast.config import ASTConfig, EngineConfig, OptimConfig, RunConfig, TrainConfig
 from dist_ast.data import Loaders
-from dist_ast.distributed.setup import DistInfo
+from dist_ast.distributed.setup import DistInfo, free_port
 from dist_ast.flops import TrainingFlops
 from dist_ast.metrics import MetricsWriter
 from dist_ast.sparsity import GradientCorrection, MaskedSGD, SparsitySchedule
@@ -33,12 +32,6 @@ pytestmark = pytest.mark.distributed
 
 B = 8  # per-rank batch
 K = 14  # steps: 3 sub-nets, updates at 2, 3, 4, 6, 7, 8, 10, 11, 12 (several per sub-net)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SmallNet(nn.Module):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from dist_ast.cli import compose_config
+from dist_ast.distributed.setup import free_port
 from dist_ast.train import run
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -36,12 +36,6 @@ OVERRIDES = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_ranks_summary_equals_single_process(tmp_path: Path) -> None:
     two = tmp_path / "two"
     cmd = [
@@ -49,7 +43,7 @@ def test_torchrun_two_ranks_summary_equals_single_process(tmp_path: Path) -> Non
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         "-m",
         "dist_ast.train",
         *OVERRIDES,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dist_ast.distributed.setup import free_port
 from dist_ast.evaluate import main
 from dist_ast.subnets_io import load_model_state, resolve_checkpoint
 from tests.subnets_utils import read_summary, short_run
@@ -65,12 +65,6 @@ def test_dcp_checkpoint_loads_the_same_model(run_dir):
     assert any(not torch.equal(early[k], pt_state[k]) for k in pt_state if k.endswith("masks"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_ranks_give_the_one_rank_numbers(run_dir, tmp_path):
@@ -80,7 +74,7 @@ def test_two_ranks_give_the_one_rank_numbers(run_dir, tmp_path):
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         "-m",
         "dist_ast.evaluate",
         f"ckpt={run_dir / 'model.pt'}",

@@ -15,6 +15,8 @@ import time
 
 import pytest
 
+from dist_ast.distributed.setup import free_port
+
 try:
     from tests.slurm_utils import requeue, require_slurm, submit, wait, wait_for
 except ImportError:  # plain `pytest` without the repo root on sys.path
@@ -26,12 +28,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 @pytest.fixture(scope="module", autouse=True)
 def _slurm():
     require_slurm()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 GLOO = textwrap.dedent(
@@ -57,7 +53,7 @@ GLOO = textwrap.dedent(
 
 def test_sbatch_wait_srun_hostname_and_gloo(tmp_path):
     (tmp_path / "gloo.py").write_text(GLOO)
-    port = _free_port()
+    port = free_port()
     (tmp_path / "job.sh").write_text(
         f"""#!/bin/bash
 #SBATCH --ntasks=2 --time=2 --job-name=dist_ast-test-srun
@@ -86,7 +82,7 @@ srun {sys.executable} gloo.py {port}
 
 def test_one_task_torchrun_two_procs(tmp_path):
     (tmp_path / "gloo.py").write_text(GLOO)
-    port = _free_port()
+    port = free_port()
     script = f"""#!/bin/bash
 #SBATCH --ntasks=1 --cpus-per-task=2 --time=2 --job-name=dist_ast-test-torchrun
 set -euo pipefail

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import tempfile
 import time
@@ -29,6 +28,8 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from dist_ast.distributed.setup import free_port
 
 TITLE = "checkpoint: DCP save/load of ResNet-50 with 3 sub-nets, sync vs async"
 NOTES = (
@@ -204,12 +205,6 @@ def _worker(
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(args: argparse.Namespace | Sequence[str] | None = None) -> list[dict]:
     """One row per world size."""
     if not isinstance(args, argparse.Namespace):
@@ -225,7 +220,7 @@ def run(args: argparse.Namespace | Sequence[str] | None = None) -> list[dict]:
             out = str(Path(base) / f"row{world}.pt")
             mp.start_processes(
                 _worker,
-                args=(world, _free_port(), args, str(root), out),
+                args=(world, free_port(), args, str(root), out),
                 nprocs=world,
                 join=True,
                 start_method="spawn",

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -29,6 +28,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from dist_ast.distributed.setup import free_port
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +58,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     return p.parse_args(argv)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _buckets(params: list[torch.Tensor], cap_bytes: float) -> list[list[int]]:
@@ -243,7 +238,7 @@ def run(args: argparse.Namespace | Sequence[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.pt")
         mp.start_processes(
-            _worker, args=(2, _free_port(), args, out), nprocs=2, join=True, start_method="spawn"
+            _worker, args=(2, free_port(), args, out), nprocs=2, join=True, start_method="spawn"
         )
         return torch.load(out)
 

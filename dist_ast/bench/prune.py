@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_ast.bench.harness import paired_ratios, summarize, time_interleaved
+from dist_ast.distributed.setup import free_port
 
 log = logging.getLogger("dist_ast.bench.prune")
 
@@ -44,12 +44,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--no-broadcast", action="store_true", help="skip the 2-rank gloo part")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _broadcast_worker(rank: int, port: int, model_name: str, n: int, reps: int, out: str) -> None:
@@ -104,7 +98,7 @@ def time_broadcast(model_name: str, n: int, reps: int) -> tuple[int, float, floa
         out = str(Path(d) / "result")
         ctx = mp.start_processes(
             _broadcast_worker,
-            args=(_free_port(), model_name, n, reps, out),
+            args=(free_port(), model_name, n, reps, out),
             nprocs=2,
             join=False,
             start_method="spawn",

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
@@ -31,6 +32,13 @@ log = logging.getLogger(__name__)
 
 SLURM_PORT_BASE = 20000  # MASTER_PORT = base + job id mod span, when none is given
 SLURM_PORT_SPAN = 20000
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a one-machine rendezvous (benches, tests)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True)
