@@ -112,11 +112,11 @@ def evaluate_checkpoint(
     from dist_ast.cli import compose_config
     from dist_ast.config import ConfigError
     from dist_ast.data import build_loaders
-    from dist_ast.distributed.setup import destroy_distributed, init_distributed
+    from dist_ast.distributed.setup import init_distributed, leave_together
     from dist_ast.subnets_io import load_subnet_model, resolve_checkpoint
 
     dist_info = init_distributed(device)
-    try:
+    with leave_together():
         config, model = load_subnet_model(ckpt, dist_info.device)
         data = _data_config(config.data, data_overrides or [], compose_config)
         if batch_size % dist_info.world_size:
@@ -153,8 +153,6 @@ def evaluate_checkpoint(
             "is_main": dist_info.is_main,
             "subnets": out,
         }
-    finally:
-        destroy_distributed()
 
 
 def evaluation_table(report: dict):  # noqa: ANN201 - rich Table

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from dist_ast.config import ConfigError, RunConfig, config_as_dict
 from dist_ast.data import Loaders, build_loaders
 from dist_ast.distributed.ddp import GradSync, wrap_model
-from dist_ast.distributed.setup import DistInfo, destroy_distributed, init_distributed
+from dist_ast.distributed.setup import DistInfo, init_distributed, leave_together
 from dist_ast.evaluate import evaluate_subnets
 from dist_ast.flops import TrainingFlops
 from dist_ast.metrics import MetricsWriter, print_summary_table
@@ -413,11 +413,12 @@ def build_trainer(config: RunConfig, dist_info: DistInfo) -> Trainer:
 
 def run(config: RunConfig) -> dict:
     """Train, evaluate every sub-net, write ``summary.json``; returns the summary."""
-    dist_info = init_distributed(config.train.device)
-    try:
-        run_dir = Path(config.run_dir)
-        from dist_ast.checkpoint import check_resume, truncate_metrics
+    from dist_ast.checkpoint import check_resume, truncate_metrics
+    from dist_ast.preemption import Preempted
 
+    dist_info = init_distributed(config.train.device)
+    with leave_together(agreed=(Preempted,)):
+        run_dir = Path(config.run_dir)
         resume = check_resume(config)  # a bad checkpoint fails here, before any write
         trainer = build_trainer(config, dist_info)
         if resume is not None:
@@ -439,9 +440,8 @@ def run(config: RunConfig) -> dict:
             # The trained sub-nets for evaluate/export/dynamic/report (dist_ast.subnets_io).
             save_model_state(run_dir / MODEL_FILE, config_as_dict(config), trainer.model)
             print_summary_table(summary)
+        del trainer  # freed by destroy_distributed's gc, while the process group is alive
         return summary
-    finally:
-        destroy_distributed()
 
 
 def main() -> None:

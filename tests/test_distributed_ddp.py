@@ -21,7 +21,7 @@ from torch import nn
 
 from dist_ast.config import ASTConfig, EngineConfig, OptimConfig, RunConfig, TrainConfig
 from dist_ast.data import Loaders
-from dist_ast.distributed.setup import DistInfo, free_port
+from dist_ast.distributed.setup import DistInfo, free_port, leave_together
 from dist_ast.flops import TrainingFlops
 from dist_ast.metrics import MetricsWriter
 from dist_ast.sparsity import GradientCorrection, MaskedSGD, SparsitySchedule
@@ -200,13 +200,10 @@ def init(rank: int, world: int, port: int) -> DistInfo:
 
 
 def _train_worker(rank, world, port, out: str, engine: str, stages, norm: str, dtype_name: str):
-    import torch.distributed as dist
 
     info = init(rank, world, port)
-    try:
+    with leave_together():
         _train_part(rank, world, info, out, engine, stages, norm, dtype_name)
-    finally:
-        dist.destroy_process_group()
 
 
 def _train_part(rank, world, info, out: str, engine: str, stages, norm: str, dtype_name: str):
@@ -256,18 +253,15 @@ def assert_same_run(got: dict, ref: dict, atol: float) -> None:
 
 def _all_worker(rank, world, port, out: str) -> None:
     """Every 2-rank scenario of this file in one launch (process start-up dominates)."""
-    import torch.distributed as dist
 
     info = init(rank, world, port)
-    try:
+    with leave_together():
         _train_part(rank, world, info, out, "ddp", [0], "group", "float64")
         _train_part(rank, world, info, out, "ddp", [0], "batch", "float64")
         _bn_first_step_part(rank, world, info, out)
         _hook_part(rank, world, info, out)
         _eval_part(rank, world, info, out)
         _corrupt_part(rank, world, info, out)  # last: it leaves the ranks' masks different
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,8 @@ from test_distributed_ddp import (  # noqa: E402  (tests/ is on sys.path under p
     spawn,
 )
 
+from dist_ast.distributed.setup import leave_together  # noqa: E402
+
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 STAGES = [0, 1, 2]
@@ -64,14 +66,11 @@ def _bf16_inactive_part(rank: int, world: int, info, out: str) -> None:
 
 
 def _ds_worker(rank: int, world: int, port: int, out: str) -> None:
-    import torch.distributed as dist
 
     info = init(rank, world, port)
-    try:
+    with leave_together():
         _train_part(rank, world, info, out, "deepspeed", STAGES, "group", "float32")
         _bf16_inactive_part(rank, world, info, out)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_deepspeed_stages_equal_single_process(tmp_path: Path) -> None:

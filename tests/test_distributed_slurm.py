@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent(
                sum=t.item())
     with open(f"rank{info.rank}.json", "w") as f:
         json.dump(out, f)
-    destroy_distributed()
+    destroy_distributed(synchronize=True)
     """
 )
 

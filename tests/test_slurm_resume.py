@@ -21,8 +21,17 @@ except ImportError:  # plain `pytest` without the repo root on sys.path
     import ckpt_utils as cu
     from slurm_utils import requeue, require_slurm, state, submit, wait
 
-FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-            "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+FINISHED = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dist_ast.distributed.setup import free_port
+from dist_ast.distributed.setup import free_port, leave_together
 
 TITLE = "checkpoint: DCP save/load of ResNet-50 with 3 sub-nets, sync vs async"
 NOTES = (
@@ -197,12 +197,10 @@ def _worker(
 ) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with leave_together():
         row = _bench(rank, world, args, Path(root))
         if rank == 0:
             torch.save(row, out)
-    finally:
-        dist.destroy_process_group()
 
 
 def run(args: argparse.Namespace | Sequence[str] | None = None) -> list[dict]:

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dist_ast.distributed.setup import free_port
+from dist_ast.distributed.setup import free_port, leave_together
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +88,10 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with leave_together():
         rows = _bench(rank, args)
         if rank == 0:
             torch.save(rows, out_path)
-    finally:
-        dist.destroy_process_group()
 
 
 def _bench(rank: int, args: argparse.Namespace) -> list[dict]:

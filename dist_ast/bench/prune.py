@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_ast.bench.harness import paired_ratios, summarize, time_interleaved
-from dist_ast.distributed.setup import free_port
+from dist_ast.distributed.setup import free_port, leave_together
 
 log = logging.getLogger("dist_ast.bench.prune")
 
@@ -56,27 +56,27 @@ def _broadcast_worker(rank: int, port: int, model_name: str, n: int, reps: int, 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=_timeout())
-    model = build_subnet_model(ModelConfig(name=model_name, num_classes=1000), n)
-    like = model.masks(0)
-    g = torch.Generator().manual_seed(0)
-    times, checks = [], []
-    for _ in range(reps + 1):
-        new = [torch.rand(m.shape, generator=g) < 0.1 for m in like] if rank == 0 else None
-        dist.barrier()
-        t0 = time.perf_counter()
-        got = broadcast_masks(new, like)
-        model.set_masks(0, got)
-        t1 = time.perf_counter()
-        verify_masks(model)
-        t2 = time.perf_counter()
-        times.append(t1 - t0)
-        checks.append(t2 - t1)
-    if rank == 0:
-        nbytes = (sum(m.numel() for m in like) + 7) // 8
-        Path(out).write_text(
-            f"{nbytes} {statistics.median(times[1:])} {statistics.median(checks[1:])}"
-        )
-    dist.destroy_process_group()
+    with leave_together():
+        model = build_subnet_model(ModelConfig(name=model_name, num_classes=1000), n)
+        like = model.masks(0)
+        g = torch.Generator().manual_seed(0)
+        times, checks = [], []
+        for _ in range(reps + 1):
+            new = [torch.rand(m.shape, generator=g) < 0.1 for m in like] if rank == 0 else None
+            dist.barrier()
+            t0 = time.perf_counter()
+            got = broadcast_masks(new, like)
+            model.set_masks(0, got)
+            t1 = time.perf_counter()
+            verify_masks(model)
+            t2 = time.perf_counter()
+            times.append(t1 - t0)
+            checks.append(t2 - t1)
+        if rank == 0:
+            nbytes = (sum(m.numel() for m in like) + 7) // 8
+            Path(out).write_text(
+                f"{nbytes} {statistics.median(times[1:])} {statistics.median(checks[1:])}"
+            )
 
 
 def _timeout():

@@ -16,13 +16,16 @@ Three launchers describe a job, in this order of precedence:
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import gc
 import logging
 import os
 import re
 import shutil
 import socket
 import subprocess
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 
 import torch
@@ -194,6 +197,43 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world_size, local_rank, dev)
 
 
-def destroy_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def destroy_distributed(synchronize: bool = False, timeout_s: float = 120.0) -> None:
+    """Leave the process group; with ``synchronize`` (the success path), first meet every rank.
+
+    Without the meeting a fast rank (rank 0 also serves the rendezvous store) can close
+    its connections while a peer is still finishing; and a DDP reducer or comm-hook future
+    (they hold Python callbacks) that is only freed during interpreter teardown can make a
+    gloo thread touch a dying interpreter, which aborts the process with "terminate called
+    without an active exception" (exit -6 / 134) after all its work was done. So: a bounded
+    barrier, then free unreachable objects while Python is alive, then destroy. After an
+    error, pass ``synchronize=False``: a barrier would wait for ranks stuck elsewhere.
+    """
+    if not dist.is_initialized():
+        return
+    if synchronize and dist.get_world_size() > 1:
+        try:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+            else:
+                dist.barrier()
+        except RuntimeError as e:  # a peer failed after its last collective: not ours to raise
+            log.warning("ranks did not all reach the end together (%s); leaving anyway", e)
+    gc.collect()
+    dist.destroy_process_group()
+    gc.collect()
+
+
+@contextlib.contextmanager
+def leave_together(agreed: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Destroy the process group when the block ends: after all ranks meet if it ended
+    normally or with an exception every rank raises at the same point (``agreed``, e.g.
+    preemption); at once after any other error, since the other ranks may never arrive."""
+    together = False
+    try:
+        yield
+        together = True
+    except agreed:
+        together = True
+        raise
+    finally:
+        destroy_distributed(synchronize=together)
