@@ -21,6 +21,7 @@ from dist_ast.sparsity import (
     prune_and_regrow,
     regrow_fraction,
 )
+from dist_ast.sparsity import gradient_correction as gc_module
 from dist_ast.sparsity import masks as masks_module
 from dist_ast.sparsity.masks import density_count, kth_largest, random_mask, topk_mask
 from dist_ast.sparsity.optim import masked_sgd_
@@ -326,6 +327,26 @@ def test_gc_orthogonal_after_correction_property(seed, n):
     else:
         assert torch.equal(out[0], g[0])
     assert not out[0][~mask[0]].any()
+
+
+@given(
+    seed=st.integers(0, 5000),
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+    chunk=st.integers(1, 16),
+)
+@settings(max_examples=60, deadline=None)
+def test_gc_statistics_over_chunks_equal_one_flat_fp64_dot(seed, sizes, chunk):
+    """The chunked one-pass statistics are [g·ĝ, ‖ĝ‖²] of the flat vectors, in fp64."""
+    gen = torch.Generator().manual_seed(seed)
+    masks = [torch.rand(n, generator=gen) < 0.5 for n in sizes]
+    prev = [torch.randn(n, generator=gen) for n in sizes]
+    grads = [torch.randn(n, generator=gen) * m for n, m in zip(sizes, masks, strict=True)]
+    g_hat = torch.cat([p.double() * m for p, m in zip(prev, masks, strict=True)])
+    flat_g = torch.cat(grads).double()
+    with mock.patch.object(gc_module, "_CPU_CHUNK", chunk):
+        dot, norm_sq = gc_module.conflict_stats(grads, prev, masks).tolist()
+    assert dot == pytest.approx(torch.dot(flat_g, g_hat).item(), rel=1e-12, abs=1e-12)
+    assert norm_sq == pytest.approx(torch.dot(g_hat, g_hat).item(), rel=1e-12, abs=1e-12)
 
 
 def test_gc_inner_group_semantics_and_counts():

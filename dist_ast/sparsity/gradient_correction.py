@@ -10,9 +10,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-# Elements per fp64 chunk on CPU: the fp64 copies of a chunk stay in cache instead of
-# materializing two fp64 copies of every layer (that cost ~6 % of a ResNet-18 step).
-_CPU_CHUNK = 1 << 15
+# Elements per fp64 chunk on CPU: the two fp64 copies of a chunk (4 MB) stay in L3
+# instead of materializing fp64 copies of every layer (~6 % of a ResNet-18 step), and
+# the chunks are few enough that per-op overhead stays small. Measured on ResNet-50's
+# 25.5M sparse weights (2-core EPYC, 32 MB L3): 2^15 77 ms, 2^16 44 ms, 2^18 33 ms,
+# 2^20 88 ms (no longer cache-resident).
+_CPU_CHUNK = 1 << 18
 
 
 def conflict_stats(
