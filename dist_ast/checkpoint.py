@@ -436,8 +436,8 @@ class ReusedStagingStager(AsyncStager):
     it allows the state's structure to change between saves (the GC buffer appears after
     the first step, the mask-update log grows): a tensor whose path, shape or dtype is new
     gets a new buffer. Costs one resident CPU copy of the state between saves (pinned
-    when the state is on a GPU). A buffer
-    is reused only after the previous write has finished (``Checkpointer.save`` waits).
+    when the state is on a GPU). A buffer is reused only after the previous write has
+    finished (``Checkpointer.save`` waits).
     """
 
     _synchronize_after_execute = False

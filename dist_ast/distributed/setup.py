@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 SLURM_PORT_BASE = 20000  # MASTER_PORT = base + job id mod span, when none is given
 SLURM_PORT_SPAN = 20000
+LEAVE_TIMEOUT_S = 120  # how long a finished rank waits for the others at the end (gloo)
 
 
 def free_port() -> int:
@@ -197,23 +198,22 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world_size, local_rank, dev)
 
 
-def destroy_distributed(synchronize: bool = False, timeout_s: float = 120.0) -> None:
+def destroy_distributed(synchronize: bool = False) -> None:
     """Leave the process group; with ``synchronize`` (the success path), first meet every rank.
 
     Without the meeting a fast rank (rank 0 also serves the rendezvous store) can close
-    its connections while a peer is still finishing; and a DDP reducer or comm-hook future
-    (they hold Python callbacks) that is only freed during interpreter teardown can make a
-    gloo thread touch a dying interpreter, which aborts the process with "terminate called
-    without an active exception" (exit -6 / 134) after all its work was done. So: a bounded
-    barrier, then free unreachable objects while Python is alive, then destroy. After an
-    error, pass ``synchronize=False``: a barrier would wait for ranks stuck elsewhere.
+    its connections while a peer is still finishing, and a DDP reducer or comm-hook future
+    (they hold Python callbacks) freed only in interpreter teardown can abort a finished
+    process ("terminate called without an active exception"). So: a bounded barrier, gc
+    while Python is alive, then destroy. After an error pass ``synchronize=False``: a
+    barrier would wait for ranks stuck elsewhere.
     """
     if not dist.is_initialized():
         return
     if synchronize and dist.get_world_size() > 1:
         try:
             if dist.get_backend() == "gloo":
-                dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=LEAVE_TIMEOUT_S))
             else:
                 dist.barrier()
         except RuntimeError as e:  # a peer failed after its last collective: not ours to raise
