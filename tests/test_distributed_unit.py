@@ -186,3 +186,134 @@ def test_comm_bench_rows_bytes_follow_density() -> None:
         assert r["bytes_default"] == r["elements"] * 4
         assert r["density"] <= r["bytes_ratio"] < r["density"] + 0.01
         assert r["time_default_ms"] > 0 and r["time_masked_ms"] > 0
+
+
+# -- process-group backend, GPUs per node, DeepSpeed's group (issue 11 item 4/5) -----------
+def test_process_group_backend_gives_cpu_tensors_a_backend_on_cuda() -> None:
+    from torch.distributed.distributed_c10d import BackendConfig
+
+    from dist_ast.distributed.setup import process_group_backend
+
+    cuda = process_group_backend(torch.device("cuda", 3))
+    assert cuda == "cpu:gloo,cuda:nccl"
+    assert BackendConfig(cuda).get_device_backend_map() == {"cpu": "gloo", "cuda": "nccl"}
+    assert process_group_backend(torch.device("cpu")) == "gloo"
+
+
+@pytest.mark.parametrize(
+    ("local_rank", "local_world", "count", "want"),
+    [(0, 1, 1, 0), (3, 4, 4, 3), (1, 2, 8, 1), (0, None, 1, 0), (1, None, 2, 1)],
+)
+def test_cuda_device_index_one_process_per_gpu(
+    local_rank: int, local_world: int | None, count: int, want: int
+) -> None:
+    from dist_ast.distributed.setup import cuda_device_index
+
+    assert cuda_device_index(local_rank, local_world, count) == want
+
+
+@pytest.mark.parametrize(
+    ("local_rank", "local_world", "count"), [(0, 2, 1), (0, 8, 4), (1, None, 1), (3, None, 2)]
+)
+def test_more_processes_than_gpus_is_a_config_error(
+    local_rank: int, local_world: int | None, count: int
+) -> None:
+    from dist_ast.config import ConfigError
+    from dist_ast.distributed.setup import cuda_device_index
+
+    with pytest.raises(ConfigError, match=f"only {count} visible GPU") as e:
+        cuda_device_index(local_rank, local_world, count)
+    assert "\n" not in str(e.value)
+
+
+def test_cuda_device_index_no_gpu_and_per_task_binding() -> None:
+    from dist_ast.config import ConfigError
+    from dist_ast.distributed.setup import cuda_device_index
+
+    with pytest.raises(ConfigError, match="no CUDA device is visible"):
+        cuda_device_index(0, 1, 0)
+    # srun --gpus-per-task=1: each task sees only its own GPU, as device 0
+    assert cuda_device_index(5, 8, 1, gpus_bound_per_task=True) == 0
+
+
+@pytest.mark.parametrize(
+    ("spec", "node", "n"), [("4", 0, 4), ("2(x3),1", 2, 2), ("2(x3),1", 3, 1), ("8(x2)", 1, 8)]
+)
+def test_slurm_tasks_on_node(spec: str, node: int, n: int) -> None:
+    from dist_ast.distributed.setup import slurm_tasks_on_node
+
+    assert slurm_tasks_on_node(spec, node) == n
+
+
+def test_detect_slurm_step_nodelist_and_tasks_per_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    env = {
+        "SLURM_PROCID": "3",
+        "SLURM_STEP_ID": "1",
+        "SLURM_STEP_NUM_TASKS": "4",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "1",
+        "SLURM_JOB_NODELIST": "gpu[01-08]",  # the job has 8 nodes, this step runs on 2
+        "SLURM_STEP_NODELIST": "gpu[05-06]",
+        "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
+        "SLURM_JOB_ID": "7",
+    }
+    launch = detect_launch(env)
+    assert (launch.master_addr, launch.local_world_size) == ("gpu05", 2)
+    env["RANK"], env["WORLD_SIZE"], env["LOCAL_WORLD_SIZE"] = "3", "4", "2"
+    assert detect_launch(env).local_world_size == 2  # torchrun's variable
+
+
+def test_init_distributed_on_cuda_uses_nccl_with_gloo_and_checks_gpus(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No GPU needed: CUDA calls and the group creation are replaced by spies."""
+    import torch.distributed as dist
+
+    from dist_ast.config import ConfigError
+    from dist_ast.distributed import setup
+
+    calls: list[str] = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(backend))
+    monkeypatch.setattr(dist, "get_backend", lambda: calls[-1])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(f"set_device {i}"))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    for k, v in {
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "2",
+    }.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    info = setup.init_distributed("cuda")
+    assert info.device == torch.device("cuda", 1)
+    assert calls == ["set_device 1", "cpu:gloo,cuda:nccl"]
+    assert torch.backends.cudnn.benchmark is True
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # 2 ranks, 1 GPU
+    with pytest.raises(ConfigError, match="2 processes on this node but only 1 visible GPU"):
+        setup.init_distributed("cuda")
+    calls.clear()
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert setup.init_distributed("cpu").device == torch.device("cpu")
+    assert calls == ["gloo"] and torch.backends.cudnn.benchmark is False
+
+
+@pytest.mark.parametrize(("device", "backend"), [("cuda", "cpu:gloo,cuda:nccl"), ("cpu", "gloo")])
+def test_deepspeed_single_process_group_backend(
+    monkeypatch: pytest.MonkeyPatch, device: str, backend: str
+) -> None:
+    """engine=deepspeed on one GPU: ZeRO's CUDA collectives get NCCL, not a gloo group."""
+    import torch.distributed as dist
+
+    from dist_ast.distributed import deepspeed_engine
+
+    got: list[tuple] = []
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **kw: got.append((a, kw)))
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    deepspeed_engine._init_single_process_group(torch.device(device))
+    assert got == [((backend,), {"rank": 0, "world_size": 1})]

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from dist_ast.config import ConfigError, RunConfig
 from dist_ast.distributed.ddp import GradSync
 from dist_ast.distributed.mask_sync import verify_masks
-from dist_ast.distributed.setup import DistInfo
+from dist_ast.distributed.setup import DistInfo, free_port, process_group_backend
 from dist_ast.sparsity.gradient_correction import GradientCorrection
 from dist_ast.sparsity.layers import SwitchableBatchNorm2d
 from dist_ast.sparsity.model import SubnetModel
@@ -340,19 +340,18 @@ def build_param_groups(model: SubnetModel, weight_decay: float) -> list[dict]:
     return groups
 
 
-def _init_single_process_group() -> None:
+def _init_single_process_group(device: torch.device) -> None:
+    """A world of one for DeepSpeed, which wants a process group even then: on CUDA the
+    same NCCL + gloo group as a multi-rank run (ZeRO's collectives on CUDA tensors are
+    written for NCCL), gloo alone on CPU."""
     import os
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(port))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group(process_group_backend(device), rank=0, world_size=1)
 
 
 def wrap_deepspeed(
@@ -387,7 +386,7 @@ def wrap_deepspeed(
             "use engine.zero_stage=1 or 2 (same memory as DDP's fp32 master weights or less)"
         )
     if not dist.is_initialized():  # one process: DeepSpeed still wants a process group
-        _init_single_process_group()
+        _init_single_process_group(dist_info.device)
     engine, ds_opt, _, _ = deepspeed.initialize(
         model=model,
         optimizer=client,

@@ -1,5 +1,6 @@
 """Process-group setup from the launcher's environment: one process per GPU (or per CPU
-core group), NCCL on GPUs, gloo on CPU, world size 1 with no launcher at all.
+core group), NCCL for CUDA tensors with gloo beside it for CPU tensors, gloo alone on
+CPU, world size 1 with no launcher at all.
 
 Three launchers describe a job, in this order of precedence:
 
@@ -9,9 +10,10 @@ Three launchers describe a job, in this order of precedence:
    exports the same variables from its job environment.
 3. Slurm (``srun python -m dist_ast.train`` with one task per GPU): ``SLURM_PROCID``,
    ``SLURM_STEP_NUM_TASKS`` (else ``SLURM_NTASKS``), ``SLURM_LOCALID``, inside an srun step
-   only (``SLURM_STEP_ID`` set); the head node is the first host of
-   ``SLURM_JOB_NODELIST`` and the port is derived from ``SLURM_JOB_ID``, so every task
-   computes the same rendezvous address without talking to the others.
+   only (``SLURM_STEP_ID`` set); the head node is the first host of the step's node list
+   (``SLURM_STEP_NODELIST``, else ``SLURM_JOB_NODELIST``) and the port is derived from
+   ``SLURM_JOB_ID``, so every task computes the same rendezvous address without talking
+   to the others.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from dist_ast.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,7 @@ class LaunchEnv:
     local_rank: int
     master_addr: str | None = None
     master_port: int | None = None
+    local_world_size: int | None = None  # processes on this node, when the launcher says
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -120,6 +125,20 @@ def slurm_head_node(nodelist: str) -> str:
     return hosts[0]
 
 
+def slurm_tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """Tasks on node ``node_id`` from Slurm's ``SLURM_STEP_TASKS_PER_NODE`` syntax, e.g.
+    ``"2(x3),1"`` = 2 tasks on nodes 0-2 and 1 on node 3."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if not m:
+            raise ValueError(f"cannot parse Slurm tasks per node {tasks_per_node!r}")
+        counts.extend([int(m.group(1))] * int(m.group(2) or 1))
+    if not 0 <= node_id < len(counts):
+        raise ValueError(f"node {node_id} not in Slurm tasks per node {tasks_per_node!r}")
+    return counts[node_id]
+
+
 def slurm_port(job_id: str | int) -> int:
     """Same port on every task of a job; different jobs on one node rarely collide."""
     return SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN
@@ -130,6 +149,7 @@ def detect_launch(env: Mapping[str, str] | None = None) -> LaunchEnv:
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
         port = env.get("MASTER_PORT")
+        local = env.get("LOCAL_WORLD_SIZE")
         return LaunchEnv(
             "torchrun",
             int(env["RANK"]),
@@ -137,26 +157,36 @@ def detect_launch(env: Mapping[str, str] | None = None) -> LaunchEnv:
             int(env.get("LOCAL_RANK", "0")),
             env.get("MASTER_ADDR"),
             int(port) if port else None,
+            int(local) if local else None,
         )
     if env.get("SUBMITIT_EXECUTOR"):
         from submitit.helpers import TorchDistributedEnvironment
 
         t = TorchDistributedEnvironment()
         return LaunchEnv(
-            "submitit", t.rank, t.world_size, t.local_rank, t.master_addr, t.master_port
+            "submitit",
+            t.rank,
+            t.world_size,
+            t.local_rank,
+            t.master_addr,
+            t.master_port,
+            getattr(t, "local_world_size", None),  # newer submitit only
         )
     # Only inside an srun step (SLURM_STEP_ID set): the batch shell of an --ntasks=8 job
     # also has SLURM_NTASKS=8, but a plain `python` there is one process, not eight.
     tasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
     if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and tasks > 1:
         port = env.get("MASTER_PORT")
+        per_node = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE"))
+        nodelist = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
         return LaunchEnv(
             "slurm",
             int(env["SLURM_PROCID"]),
             tasks,
             int(env.get("SLURM_LOCALID", "0")),
-            env.get("MASTER_ADDR") or slurm_head_node(env["SLURM_JOB_NODELIST"]),
+            env.get("MASTER_ADDR") or slurm_head_node(nodelist),
             int(port) if port else slurm_port(env.get("SLURM_JOB_ID", "0")),
+            slurm_tasks_on_node(per_node, int(env.get("SLURM_NODEID", "0"))) if per_node else None,
         )
     return LaunchEnv("none", 0, 1, 0)
 
@@ -173,21 +203,69 @@ def export_launch(launch: LaunchEnv, env: MutableMapping[str, str] | None = None
         env["MASTER_PORT"] = str(launch.master_port)
 
 
+def process_group_backend(device: torch.device) -> str:
+    """The default group's backend for a run on ``device``.
+
+    CUDA runs still send a few CPU tensors (mask checksums, the preemption flag, DCP's
+    planning); a plain ``"nccl"`` group has no CPU backend and fails on them, so gloo
+    serves the CPU tensors beside NCCL."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def cuda_device_index(
+    local_rank: int,
+    local_world_size: int | None,
+    device_count: int,
+    gpus_bound_per_task: bool = False,
+) -> int:
+    """The GPU this process uses: its local rank, one process per GPU.
+
+    Two ranks sharing a GPU would fail later and obscurely in NCCL, so more processes on a
+    node than visible GPUs is a ``ConfigError`` at start. ``gpus_bound_per_task``: the
+    launcher gave every task its own GPU(s) (``srun --gpus-per-task``), so device 0."""
+    if device_count < 1:
+        raise ConfigError(
+            "invalid train.device=cuda: no CUDA device is visible to this process "
+            "(check CUDA_VISIBLE_DEVICES and the job's GPU request, or use train.device=cpu)"
+        )
+    if gpus_bound_per_task:
+        return 0
+    procs = local_world_size if local_world_size is not None else local_rank + 1
+    if procs > device_count or local_rank >= device_count:
+        raise ConfigError(
+            f"invalid launch: {max(procs, local_rank + 1)} processes on this node but only "
+            f"{device_count} visible GPU(s); start one process per GPU "
+            "(torchrun --nproc_per_node, GPUS_PER_NODE, submit.py --tasks-per-node)"
+        )
+    return local_rank
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the process group the launcher describes (torchrun, submitit or Slurm)."""
+    """Join the process group the launcher describes (torchrun, submitit or Slurm).
+
+    On CUDA this also turns on ``cudnn.benchmark``: training shapes are fixed, so the
+    fastest convolution algorithm is searched once per shape (evaluation's last, smaller
+    batch adds one more search)."""
     launch = detect_launch()
     if launch.world_size > 1:
         export_launch(launch)
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     rank, world_size, local_rank = launch.rank, launch.world_size, launch.local_rank
     if use_cuda:
-        local_rank = local_rank % max(1, torch.cuda.device_count())
+        local_rank = cuda_device_index(
+            local_rank,
+            launch.local_world_size,
+            torch.cuda.device_count(),
+            gpus_bound_per_task=bool(os.environ.get("SLURM_GPUS_PER_TASK"))
+            and launch.launcher == "slurm",
+        )
         torch.cuda.set_device(local_rank)
+        torch.backends.cudnn.benchmark = True
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend=process_group_backend(dev))
         log.info(
             "rank %d/%d joined (%s, launched by %s)",
             rank,
