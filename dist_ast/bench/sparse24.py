@@ -1,15 +1,17 @@
 """Inference speed of 2:4 semi-structured Linear layers vs dense, on a CUDA GPU.
 
-    python -m dist_ast.bench.sparse24 [--ckpt runs/r18_nm/model.pt --subnet 0]
+    python -m dist_ast.bench sparse24 [--ckpt runs/r18_nm/model.pt --subnet 0]
                                       [--batch 256 1024 4096] [--dtype fp16|bf16]
+    python -m dist_ast.bench.sparse24 …   # the same table, not recorded in BENCHMARKS.md
 
 Each Linear weight is put in the 2:4 pattern along its input dimension (the groups
 dist_ast's N:M sub-nets use; a 1:4 or 1:8 sub-net is a valid 2:4 tensor too) and
 compressed with ``torch.sparse.to_sparse_semi_structured``; ``F.linear`` is timed with
 CUDA events against the dense weight, interleaved, and the outputs are checked to agree.
-Without ``--ckpt`` the shapes are ResNet-50's classifier and transformer-sized layers;
-with it, the sparse Linear layers of one sub-net of a checkpoint (skipped when too small
-for the kernels).
+Without ``--ckpt`` the shapes are ResNet-50's classifier (1,000 classes padded to 1,024:
+the kernels want rows in multiples of 32 and columns in multiples of 64) and
+transformer-sized layers; with it, the sparse Linear layers of one sub-net of a
+checkpoint (skipped when their shape does not fit the kernels).
 
 Honest scope: ``to_sparse_semi_structured`` accelerates 2-D matrix products (Linear)
 only, on Ampere or newer GPUs in fp16/bf16. Convolutions, most of a ResNet's time, are
@@ -31,7 +33,21 @@ from dist_ast.sparsity import nm
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SHAPES = [(1000, 2048), (4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in)
+# (out, in); every one valid for to_sparse_semi_structured (see valid_24_shape)
+DEFAULT_SHAPES = [(1024, 2048), (4096, 4096), (11008, 4096), (4096, 11008)]
+# torch's CUTLASS limits for fp16/bf16 (the stricter of its two backends; cuSPARSELt's
+# are 16 x 16): rows a multiple of 32, columns of 64.
+ROW_MULTIPLE, COL_MULTIPLE = 32, 64
+TITLE = "sparse24"
+
+
+def valid_24_shape(rows: int, cols: int) -> bool:
+    """Whether a [rows, cols] fp16/bf16 weight can be compressed by either 2:4 backend."""
+    return (
+        rows >= ROW_MULTIPLE
+        and cols >= COL_MULTIPLE
+        and not (rows % ROW_MULTIPLE or cols % COL_MULTIPLE)
+    )
 
 
 def unavailable_reason() -> str | None:
@@ -107,7 +123,7 @@ def checkpoint_linears(ckpt: str, subnet: int) -> list[tuple[str, torch.Tensor]]
     return out
 
 
-def run(
+def measure(
     shapes: list[tuple[int, int]] | None = None,
     batches: tuple[int, ...] = (256, 1024, 4096),
     dtype: str = "fp16",
@@ -123,8 +139,8 @@ def run(
     weights: list[tuple[str, torch.Tensor]] = []
     if ckpt:
         for name, w in checkpoint_linears(ckpt, subnet):
-            if w.shape[0] < 64 or w.shape[1] < 64 or w.shape[0] % 32 or w.shape[1] % 64:
-                log.warning("%s %s: too small or odd for the 2:4 kernels, skipped", name, w.shape)
+            if not valid_24_shape(*w.shape):
+                log.warning("%s %s: shape unsupported by the 2:4 kernels, skipped", name, w.shape)
                 continue
             weights.append((name, w))
     else:
@@ -140,17 +156,32 @@ def run(
     return {"device": torch.cuda.get_device_name(), "dtype": dtype, "rows": rows}
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The bench's options (also read by ``python -m dist_ast.bench sparse24``)."""
+    p.add_argument("--ckpt", default=None)
+    p.add_argument("--subnet", type=int, default=0)
+    p.add_argument("--batch", type=int, nargs="+", default=[256, 1024, 4096])
+    p.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Rows for the bench harness; one row with the reason where the bench cannot run."""
+    result = measure(
+        batches=tuple(args.batch), dtype=args.dtype, ckpt=args.ckpt, subnet=args.subnet
+    )
+    if "skipped" in result:
+        return [{"skipped": result["skipped"]}]
+    return [{"device": result["device"], "dtype": result["dtype"], **r} for r in result["rows"]]
+
+
 def main(argv: list[str] | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", default=None)
-    p.add_argument("--subnet", type=int, default=0)
-    p.add_argument("--batch", type=int, nargs="+", default=[256, 1024, 4096])
-    p.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
+    add_arguments(p)
     a = p.parse_args(argv)
-    result = run(batches=tuple(a.batch), dtype=a.dtype, ckpt=a.ckpt, subnet=a.subnet)
+    result = measure(batches=tuple(a.batch), dtype=a.dtype, ckpt=a.ckpt, subnet=a.subnet)
     console = Console()
     if "skipped" in result:
         console.print(f"[yellow]sparse24 bench skipped:[/] {result['skipped']}")
