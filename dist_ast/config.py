@@ -212,7 +212,11 @@ class CheckpointConfig:
 @dataclass
 class TrainConfig:
     epochs: float = 1.0
-    max_steps: int | None = None  # overrides epochs when set
+    max_steps: int | None = None  # overrides epochs when set (a shorter schedule)
+    # Try a config: run only the first N steps of the configured schedule (same lr, ramp,
+    # ΔT, Δτ), save a checkpoint there if checkpoints are on, evaluate, write summary.json.
+    stop_after_steps: int | None = None
+    final_eval: bool = True  # evaluate every sub-net at the end (false: summary without top-1)
     batch_size: int = 64  # global batch (split over ranks)
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
@@ -226,6 +230,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.epochs > 0, "train.epochs", self.epochs, "must be > 0")
         _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
+        _require(
+            self.stop_after_steps is None or self.stop_after_steps >= 1,
+            "train.stop_after_steps",
+            self.stop_after_steps,
+            "must be >= 1 (or null: the whole schedule)",
+        )
         _require(
             self.precision in PRECISIONS,
             "train.precision",

@@ -81,10 +81,16 @@ class MetricsWriter:
             self._tb = None
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"  # "-": not evaluated
+
+
 def summary_table(summary: dict) -> Table:
+    steps = summary["steps"]
+    if summary.get("total_steps", steps) != steps:  # train.stop_after_steps
+        steps = f"{steps} of {summary['total_steps']}"
     table = Table(
-        title=f"dist_ast: {summary['mode']} · {summary['steps']} steps · "
-        f"world size {summary['world_size']}"
+        title=f"dist_ast: {summary['mode']} · {steps} steps · world size {summary['world_size']}"
     )
     for col in ("sub-net", "target sparsity", "measured sparsity", "nonzero", "top-1", "top-5"):
         table.add_column(col, justify="right")
@@ -94,8 +100,8 @@ def summary_table(summary: dict) -> Table:
             f"{s['target_sparsity']:.4f}",
             f"{s['sparsity']:.4f}",
             f"{s['nonzero']:,}",
-            f"{100 * s['top1']:.2f}%",
-            f"{100 * s['top5']:.2f}%",
+            _percent(s["top1"]),
+            _percent(s["top5"]),
         )
     return table
 

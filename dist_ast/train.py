@@ -233,6 +233,8 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.config.train
         total = self.schedule.total_steps
+        # train.stop_after_steps: the first N steps of the unchanged schedule, then stop.
+        stop = min(total, cfg.stop_after_steps or total)
         batches = iter(self.loaders.train)
         from dist_ast.checkpoint import Checkpointer
         from dist_ast.preemption import PreemptionHandler
@@ -241,9 +243,9 @@ class Trainer:
         checkpointer = Checkpointer(self)
         preemption = PreemptionHandler()
         try:
-            with training_progress(total, enabled=cfg.progress and self.dist.is_main) as progress:
+            with training_progress(stop, enabled=cfg.progress and self.dist.is_main) as progress:
                 progress.advance_to(self.step)
-                while self.step < total:
+                while self.step < stop:
                     self.model.train()
                     x, y = next(batches)
                     if cfg.channels_last:
@@ -251,16 +253,21 @@ class Trainer:
                     out = self.train_step(x, y)
                     self.step += 1
                     progress.update(self.step, out)
-                    if self.step % cfg.log_every == 0 or out["mask_update"] or self.step == total:
+                    if self.step % cfg.log_every == 0 or out["mask_update"] or self.step == stop:
                         self.log_metrics(out)
-                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < total:
+                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < stop:
                         self.log_eval(self.evaluate())
                     self.step_boundary(checkpointer, preemption)
+            ckpt = self.config.checkpoint
+            saves = ckpt.every_steps or ckpt.every_minutes
+            if stop < total and saves and checkpointer.last_saved_step != self.step:
+                checkpointer.save(block=True)  # the same command without the stop resumes here
             checkpointer.wait()
         finally:
             preemption.restore()
-        results = self.evaluate()
-        self.log_eval(results)
+        results = self.evaluate() if cfg.final_eval else []
+        if results:
+            self.log_eval(results)
         return self.summary(results)
 
     def step_boundary(self, checkpointer, preemption) -> None:  # noqa: ANN001
@@ -317,8 +324,9 @@ class Trainer:
 
     def summary(self, results: list[dict]) -> dict:
         subnets = []
-        for r in results:
-            k = r["index"]
+        evaluated = {r["index"]: r for r in results}  # empty with train.final_eval=false
+        for k in range(self.model.num_subnets):
+            r = evaluated.get(k, {})
             nonzero, total = self.model.mask_counts(k)
             subnets.append(
                 {
@@ -327,12 +335,13 @@ class Trainer:
                     "sparsity": 1.0 - nonzero / total,
                     "nonzero": nonzero,
                     "total": total,
-                    "top1": r["top1"],
-                    "top5": r["top5"],
+                    "top1": r.get("top1"),
+                    "top5": r.get("top5"),
                 }
             )
         return {
             "steps": self.step,
+            "total_steps": self.schedule.total_steps,
             "world_size": self.dist.world_size,
             "mode": self.mode,
             "gradient_correction": self.config.ast.gradient_correction,
@@ -367,8 +376,11 @@ def build_trainer(config: RunConfig, dist_info: DistInfo) -> Trainer:
             f"{loaders.num_classes} classes"
         )
     model = build_subnet_model(config.model, config.ast.num_subnets).to(dist_info.device)
-    if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    if t.channels_last and config.engine.name == "ddp":
+        # NHWC weights and masks. DeepSpeed keeps its parameters as views of flat
+        # (row-major) buffers and broadcasts them as bytes, which NHWC strides break:
+        # there only the inputs go channels_last and the conv kernels convert the weights.
+        model = model.to_channels_last()
     schedule = build_schedule(config, len(loaders.train))
     updater = MaskUpdater(
         model,

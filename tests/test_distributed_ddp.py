@@ -260,6 +260,7 @@ def _all_worker(rank, world, port, out: str) -> None:
         _train_part(rank, world, info, out, "ddp", [0], "batch", "float64")
         _bn_first_step_part(rank, world, info, out)
         _hook_part(rank, world, info, out)
+        _hook_part(rank, world, info, out, channels_last=True)
         _eval_part(rank, world, info, out)
         _corrupt_part(rank, world, info, out)  # last: it leaves the ranks' masks different
 
@@ -333,8 +334,11 @@ def test_bn_running_mean_after_one_step_equals_global_batch(runs: Path, tmp_path
         torch.testing.assert_close(got["buffers"][n], ref["buffers"][n], rtol=0.1, atol=1e-3)
 
 
-def _hook_part(rank, world, info, out: str) -> None:
-    """Real DDP + hook vs a dense all-reduce of the same local gradients, then masking."""
+def _hook_part(rank, world, info, out: str, channels_last: bool = False) -> None:
+    """Real DDP + hook vs a dense all-reduce of the same local gradients, then masking.
+
+    With ``channels_last`` DDP lays the conv gradients out NHWC in its buckets: the hook
+    must pick the entries of m_k in that order, not in the logical one."""
     import torch.distributed as dist
 
     from dist_ast.distributed.ddp import wrap_model
@@ -349,15 +353,22 @@ def _hook_part(rank, world, info, out: str) -> None:
             k,
             [random_mask(w.shape, int(density * w.numel()), g) for w in model.sparse_weights()],
         )
+    if channels_last:
+        model.to_channels_last()
+        assert model.net.conv2.weight.is_contiguous(memory_format=torch.channels_last)
     engine = EngineConfig(compact_max_density=1.0, bucket_cap_mb=0.01)  # several buckets
     ddp, sync = wrap_model(model, info, engine)
     twin = convert_to_subnets(SmallNet("group"), 2, ["conv1"]).double()
     twin.load_state_dict(model.state_dict())
+    if channels_last:  # the same conv kernels on both sides: equal up to the last bit
+        twin.to_channels_last()
     results = {}
     for it in range(3):  # iteration 0 uses DDP's initial buckets, later ones the rebuilt
         k = it % 2
         x, y = global_batch(it, torch.float64)
         x, y = x[rank * B : (rank + 1) * B], y[rank * B : (rank + 1) * B]
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         for m in (model, twin):
             m.set_subnet(k)
             m.zero_grad(set_to_none=True)
@@ -380,13 +391,14 @@ def _hook_part(rank, world, info, out: str) -> None:
             w.numel() for w in model.sparse_weights()
         )
         results[it] = (sync.step_bytes, (active + other) * 8)
-    torch.save(results, Path(out) / f"hook_rank{rank}.pt")
+    torch.save(results, Path(out) / f"hook{'_cl' if channels_last else ''}_rank{rank}.pt")
 
 
-def test_hook_equals_dense_allreduce_then_mask_and_counts_bytes(runs: Path) -> None:
+@pytest.mark.parametrize("layout", ["", "_cl"], ids=["contiguous", "channels_last"])
+def test_hook_equals_dense_allreduce_then_mask_and_counts_bytes(runs: Path, layout: str) -> None:
     # The gradients themselves are compared bit for bit inside the workers (_hook_part).
     for rank in range(2):
-        for it, (sent, expected) in torch.load(runs / f"hook_rank{rank}.pt").items():
+        for it, (sent, expected) in torch.load(runs / f"hook{layout}_rank{rank}.pt").items():
             assert sent == expected, f"rank {rank} iteration {it}: {sent} bytes != {expected}"
 
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dist_ast.sparsity.layers import memory_order
 from dist_ast.sparsity.model import SubnetModel
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ class MaskedAllReduceState:
         for p in params:  # DDP lays a bucket out as its parameters' gradients, in order
             i = self._layer.get(id(p))
             if i is not None:
-                keep[offset : offset + p.numel()] = masks[i].reshape(-1)
+                keep[offset : offset + p.numel()] = memory_order(masks[i], like=p)
                 has_sparse = True
             offset += p.numel()
         if offset != n:

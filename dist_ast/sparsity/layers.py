@@ -31,6 +31,21 @@ def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return _StraightThroughMask.apply(weight, mask)
 
 
+def channels_last_masks(masks: torch.Tensor) -> torch.Tensor:
+    """``[N, O, I, kh, kw]`` masks whose every ``masks[k]`` has channels_last strides."""
+    return masks.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+
+def memory_order(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t``'s elements flattened in the storage order of ``like`` (same shape).
+
+    DDP lays a gradient bucket out in each parameter's memory order, which for a
+    channels_last conv weight is not the logical (row-major) order.
+    """
+    order = sorted(range(like.ndim), key=lambda d: (-like.stride(d), d))
+    return t.permute(order).reshape(-1)
+
+
 class SubnetSparseMixin:
     """Holds ``masks``: a bool buffer [N, *weight.shape], one mask per sub-net.
 

@@ -12,6 +12,7 @@ from dist_ast.sparsity.layers import (
     SubnetLinear,
     SubnetSparseMixin,
     SwitchableBatchNorm2d,
+    channels_last_masks,
 )
 
 
@@ -42,6 +43,24 @@ class SubnetModel(nn.Module):
             m.subnet = k
         for m in self._switchable:
             m.subnet = k
+
+    @torch.no_grad()
+    def to_channels_last(self) -> SubnetModel:
+        """NHWC conv weights, with every sub-net's conv mask in the same layout.
+
+        ``Module.to(memory_format=torch.channels_last)`` refuses the 5-D ``[N, O, I, kh,
+        kw]`` masks; here each ``masks[k]`` gets the strides of its channels_last weight,
+        so the masked forward's ``torch.where`` reads both in one layout, with no copy.
+        Flat orders elsewhere (top-k, bit-packing) stay logical and are unaffected.
+        """
+        for module in self.modules():
+            for param in module.parameters(recurse=False):
+                if param.ndim == 4:
+                    param.data = param.data.contiguous(memory_format=torch.channels_last)
+            masks = getattr(module, "masks", None)
+            if isinstance(module, SubnetSparseMixin) and masks is not None and masks.ndim == 5:
+                module.masks = channels_last_masks(masks)
+        return self
 
     # -- sparse layers -------------------------------------------------------------
     @property
