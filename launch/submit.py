@@ -3,7 +3,7 @@ machine. Preempted or timed-out jobs requeue and resume from the newest checkpoi
 
     python launch/submit.py --nodes 4 --gpus-per-node 8 --timeout-min 1440 \\
         --partition gpu -- experiment=r50_imagenet_ast data.root=/data/imagenet-wds
-    python launch/submit.py --cluster local --tasks-per-node 2 -- experiment=demo \\
+    python launch/submit.py --cluster local --tasks-per-node 2 --wait -- experiment=demo \\
         run_dir=runs/demo_submitit train.device=cpu
 
 Everything after ``--`` is Hydra overrides (as for ``python -m dist_ast.train``). One
@@ -11,6 +11,9 @@ task per GPU: submitit starts ``nodes x tasks-per-node`` processes and
 ``TorchDistributedEnvironment`` gives each the RANK/WORLD_SIZE/MASTER_* that torchrun
 would. ``run_dir`` defaults to ``runs/<experiment>-submitit``; keep it stable, since a
 requeued job resumes from ``run_dir/checkpoints`` (``checkpoint.resume=auto``).
+``--wait`` blocks until the job has finished (requeues included), logs its summary and
+exits 0, or 1 with the job's error. On Slurm, ``--cpus-per-task`` is passed to the job's
+``srun`` too: since Slurm 22.05 srun no longer inherits it from sbatch.
 
 Preemption: submitit asks Slurm for ``--signal=USR2@<signal_delay_s>`` and installs its
 own USR2 handler, which would requeue from rank 0 at once. While training runs, dist_ast's
@@ -70,9 +73,9 @@ class TrainJob(submitit.helpers.Checkpointable):
 
 
 def build_executor(args: argparse.Namespace) -> submitit.Executor:
+    """The submitit executor for ``--cluster``: Slurm (sbatch + srun) or this machine."""
     folder = Path(args.log_dir)
-    cluster = None if args.cluster == "slurm" else args.cluster
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    executor = submitit.AutoExecutor(folder=folder, cluster=args.cluster)
     params = dict(
         nodes=args.nodes,
         tasks_per_node=args.tasks_per_node or max(1, args.gpus_per_node),
@@ -83,6 +86,9 @@ def build_executor(args: argparse.Namespace) -> submitit.Executor:
     )
     if args.cluster == "slurm":
         params["slurm_signal_delay_s"] = args.signal_delay_s
+        # srun does not inherit sbatch's --cpus-per-task since Slurm 22.05: without this,
+        # each task (one per GPU) would be confined to one CPU for its data loading.
+        params["slurm_srun_args"] = [f"--cpus-per-task={args.cpus_per_task}"]
         if args.partition:
             params["slurm_partition"] = args.partition
         if args.account:
@@ -95,6 +101,7 @@ def build_executor(args: argparse.Namespace) -> submitit.Executor:
 
 
 def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """Our options before ``--``, Hydra overrides after it (``run_dir`` added if missing)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides: list[str] = []
     if "--" in argv:
@@ -112,7 +119,11 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
     p.add_argument("--account", default=None)
     p.add_argument("--name", default="dist_ast")
     p.add_argument("--log-dir", default="runs/submitit/%j")
-    p.add_argument("--wait", action="store_true", help="wait for the job and print its summary")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for the job (and its requeues) to end; log its summary, exit 1 if it failed",
+    )
     args = p.parse_args(argv)
     if args.cluster == "local" and args.tasks_per_node is None:
         args.tasks_per_node = 1
@@ -123,14 +134,19 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Submit; with ``--wait``, the exit code says whether the job succeeded."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args, overrides = parse(argv)
     job = build_executor(args).submit(TrainJob(overrides))
     logs = args.log_dir.replace("%j", str(job.job_id))
     log.info("submitted job %s (logs: %s)", job.job_id, logs)
     if args.wait:
-        summary = job.result()
-        top1 = [round(s["top1"], 4) for s in summary["subnets"]]
+        try:
+            summary = job.result()
+        except submitit.core.utils.UncompletedJobError as e:
+            log.error("job %s failed (logs: %s): %s", job.job_id, logs, e)
+            return 1
+        top1 = [None if s.get("top1") is None else round(s["top1"], 4) for s in summary["subnets"]]
         log.info("finished: %d steps, top-1 per sub-net %s", summary["steps"], top1)
     return 0
 

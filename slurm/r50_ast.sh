@@ -7,7 +7,9 @@
 #   EXPERIMENT=wrn32_cifar_ast sbatch --nodes=1 --gpus-per-node=4 slurm/r50_ast.sh
 #
 # Shape: one task per node; each runs torchrun with G workers (one per GPU), which meet
-# through c10d rendezvous on the first node of the allocation (rdzv id = job id).
+# through c10d rendezvous on the first node of the step (rdzv id = job id). srun gets the
+# allocation's CPUs per task (SRUN_CPUS_PER_TASK, else SLURM_CPUS_PER_TASK): since Slurm
+# 22.05 srun no longer inherits #SBATCH --cpus-per-task, and would pin each task to 1 CPU.
 # Arguments are Hydra overrides, passed through after the config name; sbatch options
 # (--nodes, --gpus-per-node, --time, --partition, --account …) override the #SBATCH lines.
 #
@@ -58,8 +60,8 @@ if [[ -z ${GPUS_PER_NODE:-} ]]; then
   [[ -n $GPUS_PER_NODE && $GPUS_PER_NODE != 0 ]] || GPUS_PER_NODE=1
 fi
 NNODES=${SLURM_JOB_NUM_NODES:-1}
-HEAD=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname -s)}" | head -n 1)
 RDZV_PORT=${RDZV_PORT:-$((29500 + ${SLURM_JOB_ID:-0} % 1000))}
+CPUS=${SRUN_CPUS_PER_TASK:-${SLURM_CPUS_PER_TASK:-}}
 SAVE_TIMEOUT=${SAVE_TIMEOUT:-120}
 
 OVERRIDES=("experiment=$EXPERIMENT" "run_dir=$RUN_DIR")
@@ -68,7 +70,8 @@ OVERRIDES=("experiment=$EXPERIMENT" "run_dir=$RUN_DIR")
 OVERRIDES+=("$@")
 
 echo "[r50_ast] job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}: ${NNODES} node(s) x" \
-  "${GPUS_PER_NODE} worker(s), head ${HEAD}:${RDZV_PORT}, run_dir ${RUN_DIR}"
+  "${GPUS_PER_NODE} worker(s), ${CPUS:-default} CPU(s) per node task, rendezvous port" \
+  "${RDZV_PORT}, run_dir ${RUN_DIR}"
 
 REQUEUE=0
 STEP_PID=
@@ -82,11 +85,21 @@ trap 'REQUEUE=1; forward USR1' USR1
 trap 'REQUEUE=1; forward USR2' USR2
 trap 'forward TERM' TERM
 
+SRUN_ARGS=(--ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=0)
+[[ -n $CPUS ]] && SRUN_ARGS+=(--cpus-per-task="$CPUS")
+# Each task finds the head node in its step's node list (the nodes this srun really
+# runs on), then becomes torchrun (exec: srun's signals reach torchrun itself).
+# shellcheck disable=SC2016  # expanded by the task's shell, not here
+TASK='port=$1 py=$2; shift 2
+nodes=${SLURM_STEP_NODELIST:-${SLURM_JOB_NODELIST:-$(hostname -s)}}
+head=$(scontrol show hostnames "$nodes" | head -n 1)
+[[ -n $head ]] || { echo "[r50_ast] no head node in node list $nodes" >&2; exit 1; }
+[[ ${SLURM_NODEID:-0} != 0 ]] || echo "[r50_ast] rendezvous on $head:$port (step nodes $nodes)"
+exec "$py" -m torch.distributed.run --rdzv_endpoint="$head:$port" "$@"'
 # torchrun passes SIGTERM/USR1/USR2 on to its workers and waits SAVE_TIMEOUT s for them.
-srun --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=0 \
-  "$PYTHON" -m torch.distributed.run \
+srun "${SRUN_ARGS[@]}" bash -c "$TASK" r50_ast-task "$RDZV_PORT" "$PYTHON" \
   --nnodes="$NNODES" --nproc_per_node="$GPUS_PER_NODE" \
-  --rdzv_backend=c10d --rdzv_endpoint="$HEAD:$RDZV_PORT" --rdzv_id="${SLURM_JOB_ID:-0}" \
+  --rdzv_backend=c10d --rdzv_id="${SLURM_JOB_ID:-0}" \
   --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2 \
   --shutdown-timeout="$SAVE_TIMEOUT" \
   -m dist_ast.train "${OVERRIDES[@]}" &
