@@ -5,6 +5,7 @@
     job = submit("slurm/r50_ast.sh", args=["-n", "2"], env={"DATA": ...}, cwd=tmp_path)
     wait_for(job, {"RUNNING"})          # or poll the job's output for a checkpoint
     requeue(job)                        # cancel + requeue, released at once
+    signal_batch(job, "USR1"); release(job)   # the time-limit warning; the job requeues itself
     assert wait(job, timeout=300) == "COMPLETED"
 
 The local cluster keeps no accounting (no sacct) and forgets finished jobs a few seconds
@@ -171,6 +172,14 @@ def requeue(job_id: int, timeout: float = 60) -> None:
     r = _run(["scontrol", "requeue", str(job_id)])
     if r.returncode != 0:
         raise RuntimeError(f"scontrol requeue {job_id}: {r.stderr.strip()}")
+    release(job_id, timeout)
+
+
+def release(job_id: int, timeout: float = 60) -> None:
+    """Start a requeued job now instead of after Slurm's ~2 minute hold (BeginTime).
+
+    Waits until the job is PENDING, then `scontrol update StartTime=now`; returns when
+    that succeeded, or when the job runs again after a refused update."""
     deadline = time.monotonic() + timeout
     err = ""
     while time.monotonic() < deadline:
@@ -184,3 +193,11 @@ def requeue(job_id: int, timeout: float = 60) -> None:
             return
         time.sleep(0.25)
     raise TimeoutError(f"could not release requeued job {job_id} within {timeout} s: {err}")
+
+
+def signal_batch(job_id: int, sig: str = "USR1") -> None:
+    """Signal only the job's batch shell, as `#SBATCH --signal=B:<sig>@<t>` does before the
+    time limit (`scancel --batch`: the shell gets it, its children and steps do not)."""
+    r = _run(["scancel", f"--signal={sig}", "--batch", str(job_id)])
+    if r.returncode != 0:
+        raise RuntimeError(f"scancel --signal={sig} --batch {job_id}: {r.stderr.strip()}")

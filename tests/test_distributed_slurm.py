@@ -1,6 +1,6 @@
 """Our Slurm launch path on a real (local) Slurm: `srun` with 2 tasks running plain
-`python`, no torchrun: rank/world/local rank from SLURM_*, head node from
-SLURM_JOB_NODELIST via `scontrol show hostnames`, port from the job id.
+`python`, no torchrun: rank/world/local rank and tasks per node from SLURM_*, head node
+from the step's node list via `scontrol show hostnames`, port from the job id.
 
 Skips when no slurmctld answers (scripts/slurm-local.sh starts one); set
 DIST_AST_REQUIRE_SLURM=1 to fail instead.
@@ -31,7 +31,8 @@ SCRIPT = textwrap.dedent(
     t = torch.tensor([float(info.rank + 1)])
     dist.all_reduce(t)
     out = dict(launcher=launch.launcher, rank=info.rank, world=info.world_size,
-               local_rank=info.local_rank, addr=os.environ["MASTER_ADDR"],
+               local_rank=info.local_rank, local_world=launch.local_world_size,
+               addr=os.environ["MASTER_ADDR"],
                port=int(os.environ["MASTER_PORT"]), job=os.environ["SLURM_JOB_ID"],
                sum=t.item())
     with open(f"rank{info.rank}.json", "w") as f:
@@ -75,5 +76,6 @@ srun {sys.executable} probe.py
     assert [x["rank"] for x in rows] == [0, 1]
     for x in rows:
         assert x["launcher"] == "slurm" and x["world"] == 2 and x["sum"] == 3.0
+        assert x["local_world"] == 2  # from SLURM_STEP_TASKS_PER_NODE: one node, 2 tasks
         assert x["port"] == slurm_port(x["job"])
     assert rows[0]["addr"] == rows[1]["addr"]
