@@ -1,0 +1,108 @@
+"""channels_last (NHWC) for models with sparse convs: weights and every sub-net's mask in
+one layout, and training that matches the row-major run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_ast.cli import compose_config
+from dist_ast.config import ModelConfig
+from dist_ast.distributed.setup import DistInfo
+from dist_ast.models import build_subnet_model
+from dist_ast.sparsity.layers import SubnetConv2d, memory_order
+from dist_ast.train import build_trainer
+
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+CL = torch.channels_last
+
+
+def test_weights_and_masks_share_the_nhwc_layout() -> None:
+    torch.manual_seed(0)
+    model = build_subnet_model(ModelConfig(name="resnet18", num_classes=10), 3)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    model.to_channels_last()
+    convs = [m for m in model.modules() if isinstance(m, SubnetConv2d)]
+    assert convs, "resnet18 has sparse convs"
+    for m in convs:
+        assert m.weight.is_contiguous(memory_format=CL)
+        for k in range(3):
+            mask = m.masks[k]  # a view the masked forward reads: same strides, no copy
+            assert mask.stride() == m.weight.stride()
+            assert mask.untyped_storage().data_ptr() == m.masks.untyped_storage().data_ptr()
+    for name, value in model.state_dict().items():  # values unchanged, only the layout
+        assert torch.equal(value, reference[name]), name
+
+
+def test_loading_a_state_dict_keeps_the_layout() -> None:
+    torch.manual_seed(0)
+    plain = build_subnet_model(ModelConfig(name="resnet18", num_classes=10), 2)
+    nhwc = build_subnet_model(ModelConfig(name="resnet18", num_classes=10), 2).to_channels_last()
+    nhwc.load_state_dict(plain.state_dict())
+    conv = nhwc.net.layer1[0].conv1
+    assert conv.weight.is_contiguous(memory_format=CL)
+    assert conv.masks[1].is_contiguous(memory_format=CL)
+    assert torch.equal(conv.masks, plain.net.layer1[0].conv1.masks)
+
+
+def test_memory_order_follows_the_strides_of_its_reference() -> None:
+    w = torch.arange(2 * 3 * 2 * 2).reshape(2, 3, 2, 2).contiguous(memory_format=CL)
+    storage = torch.as_strided(w, (w.numel(),), (1,))  # the elements as they lie in memory
+    assert torch.equal(memory_order(w.contiguous(), like=w), storage)
+    assert torch.equal(memory_order(w, like=w.contiguous()), w.reshape(-1))
+
+
+SHORT = [
+    "experiment=demo",
+    "train.max_steps=40",
+    "train.batch_size=32",
+    "model.width=8",
+    "train.progress=false",
+    "ast.ramp_end_epoch=0.5",
+    "ast.update_every=12",
+    "ast.stagger=4",
+]
+
+
+def train(tmp_path, channels_last: bool, steps: int):
+    cfg = compose_config([*SHORT, f"run_dir={tmp_path}", f"train.channels_last={channels_last}"])
+    trainer = build_trainer(cfg, CPU)
+    trainer.batches = iter(trainer.loaders.train)
+    return run_more(trainer, steps)
+
+
+def run_more(trainer, steps: int):
+    for _ in range(steps):
+        x, y = next(trainer.batches)
+        x = x.to(torch.get_default_dtype())
+        if trainer.config.train.channels_last:
+            x = x.contiguous(memory_format=CL)
+        trainer.train_step(x, y)
+        trainer.step += 1
+    return trainer
+
+
+@pytest.fixture
+def float64():
+    """fp64 trajectories: PyTorch's NHWC BatchNorm kernel on CPU sums in another order
+    than the row-major one (1e-4 apart in fp32 on a trained state, which training
+    amplifies); in fp64 the two layouts agree to ~1e-12 and the decisions must match."""
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.slow
+def test_nhwc_training_matches_row_major_through_mask_updates(tmp_path, float64) -> None:
+    """Same masks after every update, with regrowth; same weights up to rounding."""
+    plain, nhwc = train(tmp_path / "a", False, 40), train(tmp_path / "b", True, 40)
+    assert len(plain.mask_updates) >= 6 and plain.mask_updates == nhwc.mask_updates
+    assert any(u["reset"] for u in plain.mask_updates), "regrowth grew fresh weights"
+    for k in range(plain.model.num_subnets):
+        for a, b in zip(plain.model.masks(k), nhwc.model.masks(k), strict=True):
+            assert torch.equal(a, b)
+    conv = nhwc.model.sparse_weights()[0]
+    assert conv.ndim == 4 and conv.is_contiguous(memory_format=CL)
+    for (name, a), b in zip(plain.model.named_parameters(), nhwc.model.parameters(), strict=True):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10, msg=name)
