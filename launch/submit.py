@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("submitted job %s (logs: %s)", job.job_id, logs)
     if args.wait:
         try:
-            summary = job.result()
+            summary = job.results()[0]  # one per task (result() refuses several); rank 0's
         except submitit.core.utils.UncompletedJobError as e:
             log.error("job %s failed (logs: %s): %s", job.job_id, logs, e)
             return 1
