@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +182,7 @@ def table_row(
 
 # -- the child processes ------------------------------------------------------------------
 @contextlib.contextmanager
-def _decoder_spy(seen: list[str]) -> Any:
+def _decoder_spy(seen: list[str]) -> Iterator[None]:
     """Record the ``device`` DALI's image decoders are built with (mixed = GPU decoding)."""
     try:
         from nvidia.dali import fn
