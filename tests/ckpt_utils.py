@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -94,6 +95,42 @@ def spawn_ranks(
             )
         )
     return procs
+
+
+def start_train(run_dir: Path, *overrides: str, log: Path | None = None) -> subprocess.Popen:
+    """The training command as a child process (output to ``log``, or discarded)."""
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed by the child
+    return subprocess.Popen(
+        train_cmd(run_dir, *overrides), cwd=REPO, env=env(), stdout=out, stderr=subprocess.STDOUT
+    )
+
+
+def signal_when(
+    proc: subprocess.Popen,
+    run_dir: Path,
+    ready,  # noqa: ANN001 - a predicate on the run folder
+    what: str,
+    sig: int = signal.SIGKILL,
+    timeout: float = 240,
+) -> int:
+    """Send ``sig`` to ``proc`` once ``ready(run_dir)`` holds; its exit code. Fails if the
+    run ended on its own before that (the test would not test what it says)."""
+    try:
+        wait_until(lambda: ready(run_dir) or proc.poll() is not None, timeout, what, poll=0.02)
+        assert proc.poll() is None, f"the run ended (code {proc.returncode}) before {what}"
+        proc.send_signal(sig)
+        return proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def kill9_when(run_dir: Path, overrides: tuple[str, ...], ready, what: str) -> None:  # noqa: ANN001
+    """Start the training command, SIGKILL it once ``ready(run_dir)`` holds; the run must
+    not have finished on its own."""
+    code = signal_when(start_train(run_dir, *overrides), run_dir, ready, what)
+    assert code == -signal.SIGKILL, f"exit code {code}"
 
 
 def last_step(run_dir: Path) -> int:

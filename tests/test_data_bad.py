@@ -9,38 +9,20 @@ import json
 import shutil
 from pathlib import Path
 
+import nvidia.dali  # noqa: F401 - pinned in constraints.txt: fail here, never skip
 import pytest
 import torch
 
 from dist_ast.data import shards as S
-from dist_ast.data.dali import dali_available
+from tests.data_utils import corrupt_jpeg, eval_loader, take, train_loader
 
-try:
-    import test_data_common as common
-    from test_data_loaders import eval_loader, take, train_loader
-except ImportError:  # run as a package
-    from tests import test_data_common as common
-    from tests.test_data_loaders import eval_loader, take, train_loader
-
-KINDS = [
-    "wds",
-    pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="no DALI")),
-]
+KINDS = ["wds", "dali"]
 pytestmark = pytest.mark.timeout(120)  # a hang is a failure, not a stuck CI job
 
 
 @pytest.fixture
-def shards(tmp_path_factory, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(common.digits_shards(tmp_path_factory), tmp_path / "d"))
-
-
-def corrupt_jpeg(root: Path, shard: str, pos: int) -> str:
-    rows = S.read_index(root / f"{shard}.idx")
-    off, size, name = rows[pos]["jpg"]
-    with open(root / f"{shard}.tar", "r+b") as f:
-        f.seek(off + 2)
-        f.write(b"\x00" * (size - 2))  # keeps the SOI marker: looks like a JPEG, is not
-    return name.split(".")[0]
+def shards(digits_shards: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(digits_shards, tmp_path / "d"))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -6,64 +6,32 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import nvidia.dali  # noqa: F401 - pinned in constraints.txt: fail here, never skip
 import pytest
 import torch
 
 from dist_ast.config import DataConfig
 from dist_ast.data import build_loaders
-from dist_ast.data.dali import DaliEvalLoader, DaliTrainLoader, dali_available, parse_labels
+from dist_ast.data.dali import parse_labels
 from dist_ast.data.shards import ShardSet, rank_slice
-from dist_ast.data.wds import WdsEvalLoader, WdsTrainLoader
+from tests.data_utils import eval_loader, take, train_loader
 
-try:
-    import test_data_common as common
-except ImportError:  # run as a package
-    from tests import test_data_common as common
-
-needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
+KINDS = ["wds", "dali"]
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    return common.digits_shards(tmp_path_factory)
+def digits(digits_shards: Path) -> Path:
+    return digits_shards
 
 
 @pytest.fixture(scope="module")
-def cifar(tmp_path_factory) -> Path:
-    return common.cifar_shards(tmp_path_factory)
+def cifar(cifar_shards: Path) -> Path:
+    return cifar_shards
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    return common.photo_shards(tmp_path_factory)
-
-
-def dataset_of(root: Path) -> tuple[str, int]:
-    if "cifar" in root.name:
-        return "cifar10", 32
-    if "photo" in root.name:
-        return "imagenet", 64
-    return "digits_shards", 32
-
-
-def train_loader(kind: str, root: Path, **kw):
-    dataset, size = dataset_of(root)
-    args = dict(dataset=dataset, batch_size=16, rank=0, world_size=1, seed=0, device="cpu")
-    args.update(image_size=size, num_workers=0 if kind == "wds" else 2)
-    args.update(kw)
-    return (WdsTrainLoader if kind == "wds" else DaliTrainLoader)(str(root), **args)
-
-
-def eval_loader(kind: str, root: Path, **kw):
-    dataset, size = dataset_of(root)
-    args = dict(dataset=dataset, batch_size=16, rank=0, world_size=1, device="cpu")
-    args.update(image_size=size, num_workers=0 if kind == "wds" else 2)
-    args.update(kw)
-    return (WdsEvalLoader if kind == "wds" else DaliEvalLoader)(str(root), **args)
-
-
-def take(it, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [next(it) for _ in range(n)]
+def photos(photo_shards: Path) -> Path:
+    return photo_shards
 
 
 def test_parse_labels() -> None:
@@ -77,7 +45,7 @@ def test_parse_labels() -> None:
 @pytest.mark.parametrize("world", [1, 2])
 def test_both_loaders_read_the_same_val_samples(which, world, request) -> None:
     root = request.getfixturevalue(which)
-    kinds = ["wds", "dali"] if dali_available() else ["wds"]
+    kinds = KINDS
     ss = ShardSet(root, "val")
     seen = {}
     for kind in kinds:
@@ -112,7 +80,7 @@ def test_both_loaders_read_the_same_val_samples(which, world, request) -> None:
             assert (xw - xd).abs().mean() < tol
 
 
-@pytest.mark.parametrize("kind", ["wds", pytest.param("dali", marks=needs_dali)])
+@pytest.mark.parametrize("kind", KINDS)
 def test_ranks_get_equal_disjoint_batches(kind, digits: Path) -> None:
     # 1500 samples in shards of 400: 4 shards over 3 ranks, batch 16 -> 31 batches each
     world, b = 3, 16
@@ -134,7 +102,6 @@ def test_ranks_get_equal_disjoint_batches(kind, digits: Path) -> None:
         assert not (keys[0] & keys[1]) and not (keys[1] & keys[2]) and not (keys[0] & keys[2])
 
 
-@needs_dali
 def test_dali_epoch_is_the_rank_slice_when_it_divides(digits: Path) -> None:
     # 1500 = 2 ranks x 30 batches x 25: each rank's epoch is exactly its slice
     ss = ShardSet(digits, "train")
@@ -152,8 +119,8 @@ def test_dali_epoch_is_the_rank_slice_when_it_divides(digits: Path) -> None:
     [
         ("wds", "cifar", 2),  # resumes inside a shuffle block, with worker rotation
         ("wds", "photos", 0),
-        pytest.param("dali", "cifar", 2, marks=needs_dali),
-        pytest.param("dali", "photos", 2, marks=needs_dali),
+        ("dali", "cifar", 2),
+        ("dali", "photos", 2),
     ],
 )
 def test_mid_epoch_resume_is_exact(kind, which, workers, request) -> None:
@@ -196,7 +163,7 @@ def test_wds_resume_with_another_worker_count_warns(digits: Path, caplog) -> Non
     assert "workers" in caplog.text
 
 
-@pytest.mark.parametrize("loader", ["wds", pytest.param("dali", marks=needs_dali)])
+@pytest.mark.parametrize("loader", KINDS)
 def test_build_loaders_digits_shards_writes_the_shards(loader, tmp_path: Path, digits) -> None:
     root = tmp_path / "shards"
     cfg = DataConfig(name="digits_shards", loader=loader, root=str(root), num_workers=1)
@@ -235,7 +202,7 @@ def test_synthetic() -> None:
 
 
 def test_imagenet_recipe_shapes(photos: Path) -> None:
-    for kind in ["wds", "dali"] if dali_available() else ["wds"]:
+    for kind in KINDS:
         tr = train_loader(kind, photos, batch_size=8, image_size=48)
         x, y = next(iter(tr))
         assert x.shape == (8, 3, 48, 48) and set(y.tolist()) <= {0, 1}
@@ -275,7 +242,6 @@ def test_dali_state_has_fixed_shapes_for_in_place_loading() -> None:
         pack_bytes(b"x" * STATE_BYTES)
 
 
-@needs_dali
 def test_dali_resume_from_plain_ints(digits: Path) -> None:
     """The state is plain ints (what dist_ast.checkpoint stores); a new loader resumes."""
     from dist_ast.data.dali import bytes_to_ints, ints_to_bytes

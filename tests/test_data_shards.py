@@ -17,15 +17,10 @@ from hypothesis import strategies as st
 
 from dist_ast.data import shards as S
 
-try:
-    import test_data_common as common
-except ImportError:  # run as a package
-    from tests import test_data_common as common
-
 
 @pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory) -> Path:
-    return common.digits_shards(tmp_path_factory)
+def digits_dir(digits_shards: Path) -> Path:
+    return digits_shards
 
 
 def test_manifest_counts_and_checksums(digits_dir: Path) -> None:
@@ -126,11 +121,6 @@ def test_cli(tiny_tree: Path, tmp_path: Path) -> None:
     assert S.main(["--src", str(tmp_path / "nowhere"), "--out", out, "--quiet"]) == 1
 
 
-@pytest.fixture(scope="module")
-def cifar_tree(tmp_path_factory) -> Path:
-    return common.cifar_tree(tmp_path_factory)
-
-
 def test_imagefolder_labels_follow_sorted_class_folders(cifar_tree: Path, tmp_path: Path) -> None:
     cifar_tree = Path(shutil.copytree(cifar_tree, tmp_path / "src"))
     (cifar_tree / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
@@ -160,8 +150,8 @@ def test_imagefolder_labels_follow_sorted_class_folders(cifar_tree: Path, tmp_pa
     assert seen == 400
 
 
-def test_sample_photos_through_the_writer(tmp_path_factory) -> None:
-    man = S.load_manifest(common.photo_shards(tmp_path_factory))
+def test_sample_photos_through_the_writer(photo_shards: Path) -> None:
+    man = S.load_manifest(photo_shards)
     assert man["classes"] == ["china", "flower"]
     assert man["splits"]["train"]["count"] == 48 and man["splits"]["val"]["count"] == 16
 
