@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -47,24 +48,42 @@ def test_index_is_what_wds2idx_writes(digits_dir: Path, tmp_path: Path) -> None:
 
 
 def test_samples_are_jpg_plus_integer_cls_and_shuffled(digits_dir: Path) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
     from dist_ast.data.digits import load_digits_uint8
 
-    want = Counter(load_digits_uint8()["train"][1].tolist())
+    src_x, src_y = load_digits_uint8()["train"]
     got: Counter = Counter()
-    keys = []
+    keys, images, labels = [], [], []
     for e in S.load_manifest(digits_dir)["splits"]["train"]["shards"]:
         with tarfile.open(digits_dir / e["tar"]) as tf:
             names = tf.getnames()
             assert {n.split(".", 1)[1] for n in names} == {"jpg", "cls"}
             for n in names:
+                data = tf.extractfile(n).read()
                 if n.endswith(".cls"):
-                    got[int(tf.extractfile(n).read())] += 1
+                    labels.append(int(data))
+                    got[int(data)] += 1
                     keys.append(n.split(".")[0])
-    assert got == want
+                else:
+                    images.append(np.asarray(Image.open(io.BytesIO(data)).convert("L")))
+    assert got == Counter(src_y.tolist())
     assert keys == sorted(keys) and len(set(keys)) == 1500
-    # pre-shuffled: the first shard holds every class, not a run of one label
-    first = [int(k) for k in keys[:400]]
-    assert first == list(range(400))
+    assert [int(k) for k in keys[:400]] == list(range(400))  # keys: position in the shards
+    # Which source image each stored one is (nearest neighbour: JPEG is lossy): the order
+    # must be a shuffle of the source order across shards, each image with its own label.
+    stored = torch.tensor(np.stack(images), dtype=torch.float32).flatten(1)
+    source = src_x[..., 0].float().flatten(1)
+    origin = torch.cdist(stored, source).argmin(dim=1)
+    assert len(set(origin.tolist())) >= 1490  # a permutation (up to identical scans)
+    assert all(src_y[o] == lab for o, lab in zip(origin.tolist(), labels, strict=True))
+    assert int((origin == torch.arange(1500)).sum()) < 15  # not the source order
+    first_shard = origin[:400].float()
+    assert first_shard.min() < 50 and first_shard.max() > 1450  # drawn from the whole split
+    assert abs(first_shard.mean() - 749.5) < 60  # (a uniform draw: sd of the mean ~ 20)
 
 
 @pytest.fixture
