@@ -20,8 +20,6 @@ import os
 import pickle
 import random
 import shutil
-import signal
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -38,17 +36,14 @@ from dist_ast.checkpoint import (
     set_rng_state,
     truncate_metrics,
 )
-
-try:
-    from tests import ckpt_utils as cu
-except ImportError:  # plain `pytest` without the repo root on sys.path
-    import ckpt_utils as cu
+from tests import ckpt_utils as cu
+from tests.deps import require
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """The uninterrupted 24-step run, with checkpoints at 8, 16, 24."""
-    return cu.reference_run(1, tmp_path_factory)
+def reference(reference_1rank: Path) -> Path:
+    """The uninterrupted 24-step run, with checkpoints at 8, 16, 24 (conftest, once a session)."""
+    return reference_1rank
 
 
 # --------------------------------------------------------------------------- end to end
@@ -57,32 +52,11 @@ def reference(tmp_path_factory) -> Path:
 ASYNC = "checkpoint.async_save=true"  # the killed run writes in a thread: a kill may land mid-write
 
 
-def _kill9_when(run_dir: Path, overrides: tuple[str, ...], ready, what: str) -> None:
-    """Start the training command, SIGKILL it once ``ready(run_dir)`` holds; the run must
-    not have finished on its own."""
-    proc = subprocess.Popen(
-        cu.train_cmd(run_dir, *overrides),
-        cwd=cu.REPO,
-        env=cu.env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        cu.wait_until(
-            lambda: ready(run_dir) or proc.poll() is not None, timeout=300, what=what, poll=0.02
-        )
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        proc.kill()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-
-
 @pytest.mark.slow
-def test_kill9_then_same_command_resumes_bit_exact(reference, tmp_path):
+def test_kill9_then_same_command_resumes_bit_exact(reference, tmp_path, rng):
     run_dir = tmp_path / "run"
-    kill_after = random.Random().randint(9, 20)  # some step after the step-8 checkpoint
-    _kill9_when(
+    kill_after = rng.randint(9, 20)  # some step after the step-8 checkpoint (seeded)
+    cu.kill9_when(
         run_dir,
         (ASYNC,),
         # an async save commits a step or two after it was staged: wait for one
@@ -105,12 +79,12 @@ def test_deepspeed_kill9_then_same_command_resumes_bit_exact(precision, tmp_path
     """engine=deepspeed (ZeRO-2): the engine's own checkpoint (flat fp32 master partitions
     and momentum) beside the AST state; killed after step 16 was saved, the same command
     resumes and ends equal to the uninterrupted run bit for bit."""
-    pytest.importorskip("deepspeed")
+    require("deepspeed")  # pinned in constraints.txt: a missing one fails, never skips
     overrides = ("engine=deepspeed", f"train.precision={precision}")
     reference = tmp_path / "reference"
     cu.run_train(reference, *overrides)
     run_dir = tmp_path / "run"
-    _kill9_when(
+    cu.kill9_when(
         run_dir,
         overrides,
         lambda d: cu.last_step(d) >= 17 and 16 in dict(complete_checkpoints(d)),
