@@ -3,10 +3,9 @@ each sub-net's logits (those of its plain export), and takes microseconds."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_ast.config import ASTConfig, RunConfig, config_as_dict
 from dist_ast.dynamic import DynamicModel
@@ -47,15 +46,30 @@ def test_set_subnet_no_copy_and_each_subnets_logits(checkpoint):
     assert not torch.allclose(outputs[0], outputs[1], atol=1e-3)  # sub-nets differ
 
 
-def test_switch_takes_microseconds(checkpoint):
+class CountTensorOps(TorchDispatchMode):
+    """Counts every ATen operation dispatched while active (copies, allocations, ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_switch_runs_no_tensor_operation(checkpoint):
+    """Why set_subnet takes microseconds, without timing it: it dispatches not a single
+    tensor operation (no copy, no allocation, no masking), only sets each layer's index;
+    the forward applies the masks. (No wall-clock assertion: a loaded CI box is noisy.)"""
     dyn = DynamicModel.from_checkpoint(checkpoint[2])
-    times = []
-    for i in range(300):
-        t0 = time.perf_counter()
-        dyn.set_subnet(i % dyn.num_subnets)
-        times.append(time.perf_counter() - t0)
-    median = sorted(times)[len(times) // 2]
-    assert median < 1e-3, f"set_subnet took {median * 1e6:.0f} us"
+    with CountTensorOps() as seen:
+        for i in range(30):
+            dyn.set_subnet(i % dyn.num_subnets)
+    assert seen.ops == []
+    with CountTensorOps() as seen:  # the counter does see tensor work when there is some
+        dyn(torch.zeros(1, 3, 32, 32))
+    assert len(seen.ops) > 10
 
 
 def test_choose_subnet_from_budget(checkpoint):
