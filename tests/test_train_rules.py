@@ -116,7 +116,7 @@ def test_updates_follow_schedule_use_own_dense_gradient_and_exact_counts(tmp_pat
         return out
 
     trainer.forward_backward = capture_fb
-    calls = []
+    calls, sparse_before = [], []
     original_decide = trainer.updater.decide
 
     def capture_decide(k, step, dense_grads):
@@ -126,8 +126,9 @@ def test_updates_follow_schedule_use_own_dense_gradient_and_exact_counts(tmp_pat
         # the gradient handed to regrowth is this very step's dense gradient
         for g, ref in zip(dense_grads, grads_after_backward[step], strict=True):
             assert torch.equal(g, ref)
-        if not all(m.all() for m in old):  # dense off the mask, where regrowth looks
-            assert any((g[~m] != 0).any() for g, m in zip(dense_grads, old, strict=True))
+        off = [(g[~m] != 0).any() for g, m in zip(dense_grads, old, strict=True) if not m.all()]
+        sparse_before.append(bool(off))
+        assert all(off)  # dense off the mask, where regrowth looks
         # DESIGN §1.6, written out: s(t) = s_k + (s_i - s_k)(1 - (t - t0)/(t1 - t0))^3,
         # s_i = 0, t0 = 0, t1 = 46 (one epoch of 1,500 digits at batch 32), s_k from t1 on
         s_k = (0.5, 0.8, 0.9)[k]
@@ -139,6 +140,9 @@ def test_updates_follow_schedule_use_own_dense_gradient_and_exact_counts(tmp_pat
     trainer.updater.decide = capture_decide
     run_steps(trainer, 60)
     assert calls == sorted(calls, key=lambda c: c[1])  # one update per step, in step order
+    # the gradient-off-the-mask check ran on every update but each sub-net's first (dense
+    # initial masks) and sub-net 0's second (its step-0 update kept s_i = 0)
+    assert sparse_before == [False] * 4 + [True] * 11
     # DESIGN §1.8 by hand: scheduled at k·Δτ + j·ΔT (Δτ = 4, ΔT = 12), carried out at the
     # first step t >= that with t mod 3 == k (here the scheduled step itself already is)
     assert [t for kk, t in calls if kk == 0] == [0, 12, 24, 36, 48]
