@@ -14,13 +14,18 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from dist_ast.config import ConfigError, RunConfig, to_run_config
+from dist_ast.models import BUILTIN_MODELS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 log = logging.getLogger("dist_ast")
 
 
 def _register() -> None:
-    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    """The schema, and one ``model=<name>`` group option per built-in model (no YAML)."""
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=RunConfig)
+    for name in BUILTIN_MODELS:
+        store.store(group="model", name=name, node={"name": name})
 
 
 def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -> RunConfig:

@@ -1,9 +1,13 @@
 """Typed run configuration, validated at the boundary.
 
-Hydra composes YAML from ``configs/`` on top of these dataclasses (struct mode: an
-unknown key is an error that names it); ``OmegaConf.to_object`` then builds the
-dataclasses, whose ``__post_init__`` reject bad values with the key, the value and
-what is allowed. Field comments map each key to the paper's hyperparameters.
+The dataclasses are the one place for defaults and for every check a config alone can
+decide: Hydra composes the YAML files of ``configs/`` (which hold only what differs from
+these defaults) on top of them (struct mode: an unknown key is an error that names it);
+``OmegaConf.to_object`` then builds the dataclasses, whose ``__post_init__`` reject a
+value that cannot run with the key, the value and what is allowed, before any process
+group, data or model exists. Checks that need the world size or the data (batch per
+rank, number of classes, the ramp in steps) stay where those are known. Field comments
+map each key to the paper's hyperparameters.
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-MODELS = ("tiny_cnn", "wrn32", "resnet18", "resnet50")
 DATASETS = ("digits", "digits_shards", "cifar10", "imagenet", "synthetic")
 LOADERS = ("memory", "wds", "dali")
+IN_MEMORY_DATASETS = ("digits", "synthetic")  # loader=memory; the others read shards
 MODES = ("alternating", "joint", "individual")
 MASK_RELATIONS = ("non_disjoint", "completely_subset")
 ENGINES = ("ddp", "deepspeed")
@@ -33,17 +37,29 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny_cnn"  # one of MODELS
+    # A built-in model (dist_ast.models.registry.BUILTIN_MODELS: tiny_cnn, wrn32, resnet18,
+    # resnet50, resnet20, resnet32, resnet56) or any torchvision classification model
+    # (torchvision.models.list_models()), built with num_classes and no weights.
+    name: str = "tiny_cnn"
+    # An importable factory ``package.module.name`` called as f(num_classes=...) that
+    # returns the dense nn.Module; replaces ``name``, which then labels the run with it.
+    _target_: str | None = None
     num_classes: int = 10
     dense_classifier: bool = False  # the first conv is always dense; the classifier is optional
     zero_init_residual: bool = False  # torchvision ResNets: last BN of each block starts at 0
-    small_input: bool = True  # ResNet-18/50 on 32x32: 3x3 stem, no max-pool
+    small_input: bool = False  # torchvision ResNets on 32x32: 3x3 stem conv, no max-pool
     width: int = 32  # tiny_cnn only: channels of its first block (tests use 8)
 
     def __post_init__(self) -> None:
-        _require(self.name in MODELS, "model.name", self.name, f"choose one of {MODELS}")
         _require(self.num_classes >= 2, "model.num_classes", self.num_classes, "must be >= 2")
         _require(self.width >= 1, "model.width", self.width, "must be >= 1")
+        if self._target_ is not None:
+            self.name = self._target_  # the label in summaries and checkpoint checks
+        # Function-local import: the registry builds models from this dataclass, so a
+        # module-level import here would be an import cycle (config <-> models).
+        from dist_ast.models.registry import check_model
+
+        check_model(self)
 
 
 @dataclass
@@ -59,6 +75,15 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require(self.name in DATASETS, "data.name", self.name, f"choose one of {DATASETS}")
         _require(self.loader in LOADERS, "data.loader", self.loader, f"choose one of {LOADERS}")
+        in_memory = self.name in IN_MEMORY_DATASETS
+        _require(
+            in_memory == (self.loader == "memory"),
+            "data.loader",
+            self.loader,
+            f"data={self.name} is held in memory: use data.loader=memory"
+            if in_memory
+            else f"data={self.name} reads shards: choose wds or dali",
+        )
         _require(self.image_size >= 8, "data.image_size", self.image_size, "must be >= 8")
         _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
 
@@ -145,17 +170,47 @@ class ASTConfig:
             "gradient correction is defined for alternating training; set it false for joint",
         )
         if self.nm_patterns is not None:
-            _require(
-                len(self.nm_patterns) == len(s),
-                "ast.nm_patterns",
-                self.nm_patterns,
-                f"give one N:M pattern per sub-net ({len(s)})",
-            )
-            for p in self.nm_patterns:
-                parts = p.split(":")
-                ok = len(parts) == 2 and all(x.isdigit() for x in parts)
-                ok = ok and 0 < int(parts[0]) < int(parts[1])
-                _require(ok, "ast.nm_patterns", self.nm_patterns, "patterns look like '2:4'")
+            check_nm_patterns(self.nm_patterns, s, self.initial_sparsity, self.mask_relation)
+
+
+def check_nm_patterns(
+    patterns: list[str], sparsities: list[float], initial_sparsity: float, mask_relation: str
+) -> None:
+    """N:M sub-nets: one pattern 'N:M' per sub-net, each 1 - N/M sparse, starting dense
+    and non-disjoint. Also guards :class:`dist_ast.sparsity.updater.MaskUpdater`."""
+    _require(
+        len(patterns) == len(sparsities),
+        "ast.nm_patterns",
+        patterns,
+        f"give one N:M pattern per sub-net ({len(sparsities)})",
+    )
+    expected = []
+    for p in patterns:
+        parts = p.split(":")
+        ok = len(parts) == 2 and all(x.isdigit() for x in parts)
+        ok = ok and 0 < int(parts[0]) < int(parts[1])
+        _require(ok, "ast.nm_patterns", patterns, "patterns look like '2:4' with 0 < N < M")
+        expected.append(round(1.0 - int(parts[0]) / int(parts[1]), 6))
+    _require(
+        mask_relation == "non_disjoint",
+        "ast.mask_relation",
+        mask_relation,
+        "N:M sub-nets (ast.nm_patterns) are trained non-disjoint; set "
+        "ast.mask_relation=non_disjoint",
+    )
+    _require(
+        initial_sparsity == 0.0,
+        "ast.initial_sparsity",
+        initial_sparsity,
+        "N:M sub-nets (ast.nm_patterns) start dense (0% N:M groups); set ast.initial_sparsity=0",
+    )
+    _require(
+        all(abs(a - b) <= 1e-6 for a, b in zip(expected, sparsities, strict=True)),
+        "ast.sparsities",
+        list(sparsities),
+        f"an N:M sub-net of ast.nm_patterns={patterns} is 1 - N/M sparse; set "
+        f"ast.sparsities={expected}",
+    )
 
 
 @dataclass
@@ -258,6 +313,26 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        """Checks across sections: what the DeepSpeed engine cannot run."""
+        if self.engine.name != "deepspeed":
+            return
+        _require(
+            self.ast.mode != "joint",
+            "engine.name",
+            self.engine.name,
+            "ast.mode=joint needs N backward passes per step, which DeepSpeed's engine "
+            "does not take; use engine=ddp",
+        )
+        _require(
+            self.engine.zero_stage > 0 or self.train.precision == "fp32",
+            "engine.zero_stage",
+            self.engine.zero_stage,
+            f"train.precision={self.train.precision} under DeepSpeed needs ZeRO stage 1 or 2 "
+            "(stage 0's mixed-precision wrapper keeps unmapped flat fp32 copies; stage 1/2 "
+            "use as much memory as DDP's fp32 master weights or less)",
+        )
 
 
 def to_run_config(cfg: DictConfig | dict) -> RunConfig:

@@ -357,12 +357,8 @@ def _init_single_process_group(device: torch.device) -> None:
 def wrap_deepspeed(
     model: SubnetModel, optimizer: MaskedSGD, dist_info: DistInfo, config: RunConfig
 ) -> tuple[torch.nn.Module, DeepSpeedSync, PartitionMaskedSGD]:
-    """``deepspeed.initialize`` with our optimizer; returns (engine, step plumbing, optimizer)."""
-    if config.ast.mode == "joint":
-        raise ConfigError(
-            "invalid engine.name='deepspeed' with ast.mode=joint: joint training needs N "
-            "backward passes per step; use engine=ddp"
-        )
+    """``deepspeed.initialize`` with our optimizer; returns (engine, step plumbing, optimizer).
+    RunConfig has refused what DeepSpeed cannot run (joint mode, mixed precision at ZeRO 0)."""
     try:
         import deepspeed
     except ImportError as e:  # pragma: no cover - depends on the install
@@ -379,12 +375,6 @@ def wrap_deepspeed(
         momentum=defaults["momentum"],
         nesterov=defaults["nesterov"],
     )
-    if config.engine.zero_stage == 0 and config.train.precision != "fp32":
-        raise ConfigError(
-            f"invalid engine.zero_stage=0 with train.precision={config.train.precision}: "
-            "DeepSpeed's stage-0 mixed-precision wrapper keeps unmapped flat fp32 copies; "
-            "use engine.zero_stage=1 or 2 (same memory as DDP's fp32 master weights or less)"
-        )
     if not dist.is_initialized():  # one process: DeepSpeed still wants a process group
         _init_single_process_group(dist_info.device)
     engine, ds_opt, _, _ = deepspeed.initialize(
