@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from dist_ast.config import ConfigError
+from dist_ast.config import check_nm_patterns
 from dist_ast.sparsity import nm
 from dist_ast.sparsity.masks import density_count, random_mask, split_flat
 from dist_ast.sparsity.model import SubnetModel
@@ -46,29 +46,11 @@ class MaskUpdater:
             self._check_nm()
 
     def _check_nm(self) -> None:
-        """N:M sub-nets start dense and reach exactly their pattern's sparsity."""
-        patterns, s = self.nm_patterns, self.schedule
-        if len(patterns) != s.num_subnets:
-            raise ConfigError(
-                f"invalid ast.nm_patterns={patterns}: give one pattern per sub-net "
-                f"({s.num_subnets})"
-            )
-        if self.completely_subset:
-            raise ConfigError(
-                "invalid ast.mask_relation=completely_subset with ast.nm_patterns: N:M "
-                "sub-nets are trained non-disjoint; set ast.mask_relation=non_disjoint"
-            )
-        if s.initial_sparsity != 0.0:
-            raise ConfigError(
-                f"invalid ast.initial_sparsity={s.initial_sparsity} with ast.nm_patterns: "
-                "N:M sub-nets start dense (0% N:M groups); set ast.initial_sparsity=0"
-            )
-        expected = [round(nm.pattern_sparsity(p), 6) for p in patterns]
-        if any(abs(a - b) > 1e-6 for a, b in zip(expected, s.sparsities, strict=True)):
-            raise ConfigError(
-                f"invalid ast.sparsities={list(s.sparsities)} for ast.nm_patterns={patterns}: "
-                f"an N:M sub-net is 1 - N/M sparse; set ast.sparsities={expected}"
-            )
+        """N:M sub-nets start dense and reach exactly their pattern's sparsity (the
+        config's own check, for an updater built without a RunConfig)."""
+        s = self.schedule
+        relation = "completely_subset" if self.completely_subset else "non_disjoint"
+        check_nm_patterns(self.nm_patterns, list(s.sparsities), s.initial_sparsity, relation)
 
     def nm_fraction(self, step: float) -> float:
         """Scheduled fraction of N:M groups: 0 at ramp start, 1 from ramp end (cubic)."""
