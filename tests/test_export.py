@@ -5,15 +5,22 @@ program), and the sparse files (CSR, packed N:M) densify back to the same weight
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from torch import nn
 
 from dist_ast.config import ASTConfig, ModelConfig, RunConfig, config_as_dict
 from dist_ast.export import densify, export_subnet, export_to_files, sparse_subnet
-from dist_ast.subnets_io import load_model_state, save_model_state
+from dist_ast.subnets_io import load_model_state, load_subnet_model, save_model_state
 from tests.subnets_utils import random_subnets
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def subnet_logits(model, k: int, x: torch.Tensor) -> torch.Tensor:
@@ -95,3 +102,60 @@ def test_load_model_state_rejects_other_files(tmp_path):
         load_model_state(tmp_path / "x.pt")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_model_state(tmp_path / "missing")
+
+
+@pytest.mark.slow
+def test_export_cli_on_a_trained_small_input_resnet18_gives_plain_torchvision_the_logits(
+    tmp_path,
+):
+    """The README's two commands as subprocesses: train a ResNet-18 with the small-input
+    stem for 3 steps (every sub-net trains once and updates its mask once), then
+    ``python -m dist_ast.export ckpt=<run> subnet=1 out=…``; the file loads
+    (weights_only) into plain torchvision with the documented stem swap, and its logits
+    are those of sub-net 1 inside dist_ast."""
+    run_dir, out = tmp_path / "r18", tmp_path / "r18_subnet1.pt"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    train = [
+        "experiment=demo",
+        "model=resnet18",
+        "model.small_input=true",
+        "data.image_size=16",
+        "train.batch_size=4",
+        "train.stop_after_steps=3",
+        "ast.update_every=3",
+        "ast.stagger=1",
+        "train.final_eval=false",
+        "train.progress=false",
+        "train.device=cpu",
+        f"run_dir={run_dir}",
+    ]
+    for cmd in (
+        ["-m", "dist_ast.train", *train],
+        ["-m", "dist_ast.export", f"ckpt={run_dir}", "subnet=1", f"out={out}", "sparse=none"],
+    ):
+        r = subprocess.run(
+            [sys.executable, *cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=240
+        )
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"-> {out}" in r.stdout.replace("\n", "")
+    updates = [
+        json.loads(line).get("mask_update")
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [1] in updates  # sub-net 1's mask was updated by training, not only initialized
+
+    plain = torchvision.models.resnet18(num_classes=10)
+    plain.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # README: model.small_input=true
+    plain.maxpool = nn.Identity()
+    plain.load_state_dict(torch.load(out, weights_only=True))  # strict
+    plain.eval()
+
+    _, model = load_subnet_model(run_dir)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = plain(x)
+    torch.testing.assert_close(got, subnet_logits(model, 1, x), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, subnet_logits(model, 0, x), atol=1e-4)  # really sub-net 1
+    nonzero, total = model.mask_counts(1)
+    zeros = sum(int((plain.get_submodule(n).weight == 0).sum()) for n in model.sparse_names)
+    assert zeros >= total - nonzero > 0
