@@ -90,7 +90,7 @@ def test_builtin_dense_layers_are_conv1_and_fc(name: str) -> None:
     assert dense_layer_names(net, dense_classifier=True) == ["conv1", "fc"]
 
 
-def test_small_input_is_one_default() -> None:
+def test_small_input_and_zero_init_residual() -> None:
     """``model=resnet18`` (config group) and ModelConfig(name="resnet18") build the same
     ImageNet stem; the CIFAR stem is asked for."""
     assert compose_config(["model=resnet18"]).model.small_input is False
@@ -101,6 +101,11 @@ def test_small_input_is_one_default() -> None:
     assert build_model(ModelConfig(name="resnet34", small_input=True)).conv1.stride == (1, 1)
     with pytest.raises(ConfigError, match="model.small_input"):
         build_model(ModelConfig(name="mobilenet_v3_small", small_input=True))
+    # torchvision's other models take **kwargs and would ignore zero_init_residual
+    with pytest.raises(ConfigError, match="model.zero_init_residual"):
+        build_model(ModelConfig(name="mobilenet_v3_small", zero_init_residual=True))
+    net = build_model(ModelConfig(name="resnet18", zero_init_residual=True))
+    assert not net.layer1[0].bn2.weight.any()
 
 
 @pytest.mark.parametrize(

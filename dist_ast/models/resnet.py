@@ -23,22 +23,23 @@ def torchvision_names() -> frozenset[str]:
 def torchvision_model(cfg: ModelConfig) -> nn.Module:
     """``torchvision.models.get_model(model.name)`` with no weights and model.num_classes.
 
-    ``model.zero_init_residual`` goes to the models that take it (the ResNets);
+    ``model.zero_init_residual`` goes to the ResNets (others refuse it);
     ``model.small_input`` swaps a ResNet's 7x7/2 stem and max-pool for a 3x3/1 conv, the
     usual CIFAR variant (32x32 inputs would otherwise shrink to 1x1 before the last stage).
     """
     kwargs: dict = {"num_classes": cfg.num_classes}
     if cfg.zero_init_residual:
         kwargs["zero_init_residual"] = True
-    try:
-        net = torchvision.models.get_model(cfg.name, weights=None, **kwargs)
-    except TypeError as e:
+    net = torchvision.models.get_model(cfg.name, weights=None, **kwargs)
+    is_resnet = isinstance(net, torchvision.models.ResNet)
+    if cfg.zero_init_residual and not is_resnet:  # others take **kwargs and ignore it
         raise ConfigError(
-            f"invalid model.name={cfg.name!r} with {kwargs}: torchvision refused them ({e})"
-        ) from e
+            f"invalid model.zero_init_residual=True for model.name={cfg.name!r}: only "
+            "torchvision ResNets take it; set model.zero_init_residual=false"
+        )
     if cfg.small_input:
         conv1 = getattr(net, "conv1", None)
-        if not isinstance(conv1, nn.Conv2d) or not hasattr(net, "maxpool"):
+        if not is_resnet or not isinstance(conv1, nn.Conv2d):
             raise ConfigError(
                 f"invalid model.small_input=True for model.name={cfg.name!r}: only ResNets "
                 "(a conv1 stem and a maxpool) have the CIFAR stem; set model.small_input=false"
