@@ -97,3 +97,24 @@ def test_shipped_experiment_runs_on_cpu(name: str, digits_shards: Path, tmp_path
     if ckpt.every_steps or ckpt.every_minutes:  # a trial run leaves a checkpoint to resume
         meta = json.loads((run_dir / "checkpoints" / f"step-{STEPS}" / "meta.json").read_text())
         assert meta["step"] == STEPS
+
+
+@pytest.mark.slow
+def test_readme_flagship_trial_command_runs(tmp_path: Path) -> None:
+    """The README's "try the flagship for 2 steps" command, word for word (plus run_dir)."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("python -m dist_ast.train experiment=r50_imagenet_ast data=synthetic")
+    command = readme[start : readme.index("#", start)].replace("\\\n", " ").split()
+    assert "train.stop_after_steps=2" in command
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, *command[1:], f"run_dir={run_dir}", "train.progress=false"],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 2 and len(summary["subnets"]) == 3
