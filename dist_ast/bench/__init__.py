@@ -5,4 +5,14 @@ row) and, optionally, ``add_arguments(parser)``; :mod:`dist_ast.bench.harness` d
 rest (machine description, rich table, the dated section appended to BENCHMARKS.md).
 """
 
-BENCHMARKS = ("step", "prune", "memory", "ablation", "data", "comm", "checkpoint", "sparse24", "gpu")
+BENCHMARKS = (
+    "step",
+    "prune",
+    "memory",
+    "ablation",
+    "data",
+    "comm",
+    "checkpoint",
+    "sparse24",
+    "gpu",
+)
