@@ -5,7 +5,7 @@ Signals: SIGTERM (Slurm preemption, ``scancel``, ``scontrol requeue``, torchrun 
 on its own SIGTERM), SIGUSR1 and SIGUSR2 (``sbatch --signal=USR1@…``, submitit's
 ``USR2@90``). The handler only sets a flag: a save is collective, so it cannot run
 inside a signal handler on one rank. At each step boundary the ranks all-reduce
-(MAX) one small tensor holding [this rank's flag, checkpoint-by-time due on this rank]:
+(MAX) one small CPU tensor holding [this rank's flag, checkpoint-by-time due on this rank]:
 if any rank was signalled, every rank sees it at the same step and they save that step.
 
 Exit code: ``REQUEUE_EXIT_CODE = 75`` (``EX_TEMPFAIL`` in sysexits.h: "temporary
@@ -76,12 +76,15 @@ class PreemptionHandler:
         return self._previous.get(signum)
 
 
-def agree(
-    flags: list[bool], group: object | None = None, device: torch.device | None = None
-) -> list[bool]:
-    """Element-wise OR of boolean flags over all ranks, in one all-reduce."""
+def agree(flags: list[bool], group: object | None = None) -> list[bool]:
+    """Element-wise OR of boolean flags over all ranks, in one all-reduce.
+
+    The flags travel as a CPU tensor, through the group's CPU backend (gloo; CUDA runs
+    create the default group as ``cpu:gloo,cuda:nccl``): it runs every step, and a GPU
+    tensor would cost a host-to-device copy and a read-back that waits for the GPU.
+    """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return list(flags)
-    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)  # type: ignore[arg-type]
     return [bool(v) for v in t.tolist()]

@@ -10,10 +10,17 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 
 class _Bar:
+    """Shows the loss of the last log step only: between log steps the trainer's loss is
+    a device tensor, and formatting it would wait for the GPU every step. The trainer's
+    ``log_metrics`` turns ``out["loss"]`` into a float; the bar picks it up then (at this
+    update, or the next one when the log follows the update)."""
+
     def __init__(self, progress: Progress | None, total: int) -> None:
         self.progress, self.total = progress, total
         self.task = progress.add_task("train", total=total, info="") if progress else None
         self._t0, self._s0 = time.perf_counter(), 0
+        self._last: dict | None = None  # the previous step's record, maybe logged since
+        self._loss = ""
 
     def advance_to(self, step: int) -> None:
         self._s0 = step
@@ -23,9 +30,14 @@ class _Bar:
     def update(self, step: int, out: dict) -> None:
         if self.progress is None:
             return
+        for record in (self._last, out):
+            loss = None if record is None else record.get("loss")
+            if isinstance(loss, int | float):  # read by a log step; a tensor is not read
+                self._loss = f" loss {loss:.3f}"
+        self._last = out
         rate = (step - self._s0) / max(time.perf_counter() - self._t0, 1e-9)
         sub = "all" if out.get("subnet") is None else out["subnet"]
-        info = f"sub-net {sub} loss {out['loss']:.3f} lr {out['lr']:.4f} {rate:.1f} it/s"
+        info = f"sub-net {sub}{self._loss} lr {out['lr']:.4f} {rate:.1f} it/s"
         self.progress.update(self.task, completed=step, info=info)
 
 

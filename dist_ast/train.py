@@ -110,15 +110,19 @@ class Trainer:
         dtype = torch.bfloat16 if p == "bf16" else torch.float16
         return torch.autocast(self.dist.device.type, dtype=dtype)
 
-    def forward_backward(self, k: int, x: torch.Tensor, y: torch.Tensor) -> float:
+    def forward_backward(self, k: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Sub-net k's loss, backpropagated; returned detached and on the device (reading
+        it each step would stall a GPU: log steps read it)."""
         self.model.set_subnet(k)
         with self.autocast():
             logits = self.ddp_model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=self.config.optim.label_smoothing)
         (self.scaler.scale(loss) if self.scaler else loss).backward()
-        return float(loss.detach())
+        return loss.detach()
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        """One step; reads nothing back from the device except GradScaler's skip check
+        (DESIGN §2): the loss and GC's conflict flag come back as device tensors."""
         step, schedule, model = self.step, self.schedule, self.model
         lr = lr_at(
             step,
@@ -142,15 +146,14 @@ class Trainer:
             subnets = list(range(model.num_subnets))
             masked = [torch.zeros_like(w) for w in weights]
             dense_grads: dict[int, list[torch.Tensor]] = {}
-            loss = 0.0
+            loss: torch.Tensor | float = 0.0
             for k in subnets:
                 for w in weights:
                     w.grad = None
-                loss += self.forward_backward(k, x, y)
+                loss = loss + self.forward_backward(k, x, y).double()  # summed as floats were
                 if k in updating:
                     dense_grads[k] = [w.grad.detach().clone() for w in weights]
-                for acc, w, m in zip(masked, weights, model.masks(k), strict=True):
-                    acc.add_(w.grad * m)
+                torch._foreach_addcmul_(masked, [w.grad for w in weights], model.masks(k))
             for w, g in zip(weights, masked, strict=True):
                 w.grad = g
         else:
@@ -159,25 +162,31 @@ class Trainer:
             loss = self.forward_backward(k, x, y)
             dense_grads = {k: [w.grad.detach().clone() for w in weights]} if updating else {}
             # 2. The update is the dense gradient masked to the active sub-net.
-            for w, m in zip(weights, model.masks(k), strict=True):
-                w.grad.mul_(m)
+            torch._foreach_mul_([w.grad for w in weights], model.masks(k))
 
+        finite = None
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-            inv = 1.0 / self.scaler.get_scale()
-            for grads in dense_grads.values():  # our own clones: unscale in place
-                torch._foreach_mul_(grads, inv)
+            if dense_grads:  # our own clones: unscale in place (a mask-update step may sync)
+                inv = 1.0 / self.scaler.get_scale()
+                for grads in dense_grads.values():
+                    torch._foreach_mul_(grads, inv)
+            # The scaler skips the step when any gradient (not only the sparse ones) is
+            # inf/nan: its own found-inf flags, summed on the device, tell GC to leave
+            # g_prev and the counters alone on that step. scaler.step reads them once.
+            found = self.scaler._found_inf_per_device(self.optimizer)
+            finite = sum(found.values()) == 0
 
-        # 3. Gradient correction on the sparse weights' gradient (fp32, unscaled).
-        conflicted = False
-        # An fp16 step with inf/nan gradients is skipped by the scaler: keep g_prev clean.
-        finite = self.scaler is None or all(bool(w.grad.isfinite().all()) for w in weights)
-        if self.checks_conflicts and finite:
-            grads, conflicted = self.gc(
-                [w.grad for w in weights], model.masks(subnets[0]), schedule.is_group_start(step)
+        # 3. Gradient correction on the sparse weights' gradient (fp32, unscaled), in
+        # place, branch-free on the device.
+        conflicted: torch.Tensor | bool = False
+        if self.checks_conflicts:
+            _, conflicted = self.gc(
+                [w.grad for w in weights],
+                model.masks(subnets[0]),
+                schedule.is_group_start(step),
+                finite=finite,
             )
-            for w, g in zip(weights, grads, strict=True):
-                w.grad = g
 
         # 4. Masked SGD: only the trained sub-nets' weights and BN rows move.
         update_masks = model.update_masks(subnets)
@@ -190,8 +199,14 @@ class Trainer:
 
         # 5. Prune-and-regrow of the sub-net(s) scheduled at this step: rank 0 decides,
         # the masks are broadcast bit-packed and checksummed on every rank.
+        # A step the GradScaler skipped (inf/nan) has no usable gradient to regrow by: the
+        # update only prunes, as under DeepSpeed (this read is on a mask-update step only).
+        overflow = finite is not None and bool(updating) and not bool(finite)
         for k in updating:
-            reset = self.sync.update_masks(self.updater, k, step, dense_grads[k], self.optimizer)
+            if overflow:
+                log.warning("step %d skipped by the GradScaler: sub-net %d only prunes", step, k)
+            grads = None if overflow else dense_grads[k]
+            reset = self.sync.update_masks(self.updater, k, step, grads, self.optimizer)
             self.mask_updates.append({"step": step, "subnet": k, "reset": reset})
             log.debug("step %d: sub-net %d mask update (%d weights grown fresh)", step, k, reset)
         if updating:
@@ -199,7 +214,7 @@ class Trainer:
 
         self.flops.add_step(subnets)
         return {
-            "loss": loss / len(subnets),
+            "loss": loss if len(subnets) == 1 else loss / len(subnets),  # device tensor
             "lr": lr,
             "subnet": subnets[0] if len(subnets) == 1 else None,
             "mask_update": updating or None,
@@ -276,9 +291,8 @@ class Trainer:
         from dist_ast.preemption import Preempted, agree
 
         checkpointer.finish_pending(wait=False)
-        stop, timed = agree(
-            [preemption.requested, checkpointer.minutes_due], device=self.dist.device
-        )
+        # on a CPU tensor (the CPU backend beside NCCL): no round trip to the GPU per step
+        stop, timed = agree([preemption.requested, checkpointer.minutes_due])
         if stop:
             checkpointer.save(block=True)
             err = Preempted(self.step, preemption.signum)
@@ -300,6 +314,9 @@ class Trainer:
         return load_checkpoint(self, Path(path))
 
     def log_metrics(self, out: dict) -> None:
+        """One metrics.jsonl record. The loss is read from the device here, and only here;
+        it is written back into ``out`` as a float for the progress bar."""
+        out["loss"] = float(out["loss"])
         record = {
             "step": self.step,
             "subnet": out["subnet"],

@@ -111,9 +111,12 @@ class SubnetModel(nn.Module):
                 mask = mask | m.masks[k]
             out[m.weight] = mask
         if self._switchable:
-            row = torch.zeros(self.num_subnets, 1, dtype=torch.bool)
-            row[ks] = True
-            row = row.to(self._switchable[0].weight.device)
+            # built on the device (fills, no host-to-device copy: that would sync a GPU)
+            row = torch.zeros(
+                self.num_subnets, 1, dtype=torch.bool, device=self._switchable[0].weight.device
+            )
+            for k in ks:
+                row[k] = True
             for bn in self._switchable:
                 out[bn.weight] = row
                 out[bn.bias] = row

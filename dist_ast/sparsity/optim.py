@@ -62,6 +62,61 @@ def _masked_copy_(dst: torch.Tensor, src: torch.Tensor, mask: torch.Tensor | Non
         torch.where(mask, src, dst, out=dst)
 
 
+def _masked_copy_all_(
+    dsts: list[torch.Tensor], srcs: list[torch.Tensor], masks: list[torch.Tensor | None]
+) -> None:
+    plain = [i for i, m in enumerate(masks) if m is None]
+    if plain:
+        torch._foreach_copy_([dsts[i] for i in plain], [srcs[i] for i in plain])
+    for dst, src, m in zip(dsts, srcs, masks, strict=True):
+        if m is not None:
+            torch.where(m, src, dst, out=dst)
+
+
+@torch.no_grad()
+def masked_sgd_foreach_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor] | None,
+    update_masks: list[torch.Tensor | None],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool,
+) -> None:
+    """:func:`masked_sgd_` on many parameters at once, bit for bit the same.
+
+    The arithmetic runs as ``torch._foreach_*`` calls (a few fused kernels on a GPU
+    instead of ~6 launches per parameter); only the masked momentum copy stays a
+    per-parameter ``torch.where`` (there is no foreach ``where``). The update is
+    zeroed outside the mask by a multiply (d·0 = ±0, and p − lr·(±0) = p), which is
+    exact for the finite values an applied step has. ``momentum_buffers`` must exist
+    (zeros for a first step) when ``momentum`` is set.
+    """
+    if not params:
+        return
+    if weight_decay and all(g.dtype == p.dtype for g, p in zip(grads, params, strict=True)):
+        d = torch._foreach_add(grads, params, alpha=weight_decay)
+    else:
+        d = [g.to(p.dtype, copy=True) for g, p in zip(grads, params, strict=True)]
+        if weight_decay:
+            torch._foreach_add_(d, params, alpha=weight_decay)
+    if momentum:
+        assert momentum_buffers is not None
+        if nesterov:
+            new_bufs = torch._foreach_add(d, momentum_buffers, alpha=momentum)
+            _masked_copy_all_(momentum_buffers, new_bufs, update_masks)
+            torch._foreach_add_(d, momentum_buffers, alpha=momentum)
+        else:
+            torch._foreach_add_(d, momentum_buffers, alpha=momentum)  # d is now buf'
+            _masked_copy_all_(momentum_buffers, d, update_masks)
+    masked = [i for i, m in enumerate(update_masks) if m is not None]
+    if masked:
+        torch._foreach_mul_([d[i] for i in masked], [update_masks[i] for i in masked])
+    torch._foreach_add_(params, d, alpha=-lr)
+
+
 class MaskedSGD(torch.optim.Optimizer):
     """SGD with momentum/nesterov/weight decay, applied only inside per-parameter masks.
 
@@ -89,22 +144,25 @@ class MaskedSGD(torch.optim.Optimizer):
     ) -> None:
         update_masks = update_masks or {}
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                buf = masked_sgd_(
-                    p,
-                    p.grad,
-                    state.get("momentum_buffer"),
-                    update_masks.get(p),
-                    lr=group["lr"],
-                    momentum=group["momentum"],
-                    weight_decay=group["weight_decay"],
-                    nesterov=group["nesterov"],
-                )
-                if buf is not None:
-                    state["momentum_buffer"] = buf
+            params = [p for p in group["params"] if p.grad is not None]
+            bufs = None
+            if group["momentum"]:
+                bufs = []
+                for p in params:  # dict look-ups only; the math below is foreach
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                    bufs.append(state["momentum_buffer"])
+            masked_sgd_foreach_(
+                params,
+                [p.grad for p in params],
+                bufs,
+                [update_masks.get(p) for p in params],
+                lr=group["lr"],
+                momentum=group["momentum"],
+                weight_decay=group["weight_decay"],
+                nesterov=group["nesterov"],
+            )
 
     @torch.no_grad()
     def reset_state(self, param: torch.Tensor, where: torch.Tensor) -> None:

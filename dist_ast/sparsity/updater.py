@@ -75,7 +75,9 @@ class MaskUpdater:
                 nm.nm_update(
                     w, m, g, self.nm_patterns[k], fraction=groups, regrow_fraction=fraction
                 )
-                for w, m, g in zip(weights, self.model.masks(k), dense_grads, strict=True)
+                for w, m, g in zip(
+                    weights, self.model.masks(k), dense_grads or [None] * len(weights), strict=True
+                )
             ]
         target = self.schedule.target_count(k, step, self.total)
         n = self.model.num_subnets
