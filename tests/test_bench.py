@@ -4,14 +4,20 @@ dispatch to a benchmark module, and the ablation's aggregation. No timing assert
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib
 import json
+import os
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from dist_ast.bench import ablation, harness
+from dist_ast.bench import BENCHMARKS, ablation, harness
 
 
 def test_summarize_matches_numpy_quantiles():
@@ -221,3 +227,77 @@ def test_ablation_aggregates_mean_std_over_seeds_and_reads_curves(tmp_path):
     assert checks[0]["largest drop from an earlier best (points)"] == pytest.approx(10.0)
     assert (tmp_path / "ramp.png").stat().st_size > 0
     assert "15.0 points" in ablation.last_notes()
+
+
+# -- every benchmark through its command line, one tiny round ------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+# name -> (options for one small round on a toy setting, strings its table must contain)
+TINY = {
+    "step": (
+        ["--presets", "r18_32", "--batch-size", "2", "--sparsities", "0.8", "0.9"]
+        + ["--repeats", "1", "--warmup", "0", "--threads", "1", "--device", "cpu"],
+        ["| dense |", "| ast |", "| ast_gc |", "| joint |"],
+    ),
+    "prune": (
+        ["--model", "resnet18", "--image-size", "32", "--batch-size", "2"]
+        + ["--sparsities", "0.8", "0.9", "--repeats", "1", "--warmup", "0", "--threads", "1"],
+        ["decide (sub-net 1", "broadcast bit-packed masks", "checksum check"],
+    ),
+    "memory": (
+        ["--model", "resnet18", "--max-subnets", "2", "--image-size", "32", "--batch-size", "2"]
+        + ["--device", "cpu"],
+        ["| resnet18 | dense |", "| resnet18 | 1 |", "| resnet18 | 2 |"],
+    ),
+    "comm": (["--model", "resnet18", "--densities", "0.1", "--repeats", "1"], ["| 0.1 |"]),
+    "data": (
+        ["--images", "16", "--batch-size", "8", "--image-size", "32", "--workers", "0"]
+        + ["--rounds", "1", "--cache", "{tmp}/data"],
+        ["torchvision ImageFolder", "webdataset + torchvision", "DALI (fused decode+crop)"],
+    ),
+    "checkpoint": (
+        ["--ranks", "1", "2", "--rounds", "1", "--model", "resnet18", "--subnets", "2"]
+        + ["--dir", "{tmp}/ckpt"],
+        ["| 1 |", "| 2 |"],
+    ),
+    # without a GPU: one row saying why; with one: the 2:4 kernels at a small batch
+    "sparse24": (["--batch", "16"], ["CUDA" if not torch.cuda.is_available() else "| fp16 |"]),
+    "ablation": (
+        ["--data", "digits", "--model", "tiny_cnn", "--seeds", "0", "--methods", "ast_gc"]
+        + ["--epochs", "1", "--ramp-end-epoch", "0.5", "--update-every", "6", "--stagger", "2"]
+        + ["--eval-every", "8", "--curve-methods", "ast_gc", "--extra", "model.width=8"]
+        + ["--out", "{tmp}/abl", "--plot", "{tmp}/abl.png"],
+        ["| ast_gc | 0.8 |", "| ast_gc | 0.95 |"],
+    ),
+}
+
+
+def test_tiny_rounds_cover_every_benchmark():
+    assert set(TINY) == set(BENCHMARKS) - {"gpu"}  # gpu: tests/test_launch_gpu_check.py
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(TINY))
+def test_benchmark_cli_one_tiny_round_records_only_where_told(name, tmp_path):
+    """``python -m dist_ast.bench <name>`` end to end on a small setting: it exits 0 and
+    appends its dated table to --output, never to the repository's BENCHMARKS.md (the
+    command runs in tmp_path, so relative run folders land there too)."""
+    options, expected = TINY[name]
+    options = [o.replace("{tmp}", str(tmp_path)) for o in options]
+    out = tmp_path / "BENCH.md"
+    before = hashlib.sha256(harness.DEFAULT_OUTPUT.read_bytes()).hexdigest()
+    cmd = [sys.executable, "-m", "dist_ast.bench", name, *options, "--output", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert hashlib.sha256(harness.DEFAULT_OUTPUT.read_bytes()).hexdigest() == before
+    text = out.read_text()
+    title = importlib.import_module(f"dist_ast.bench.{name}").TITLE
+    assert text.count(f"## {title} · ") == 1
+    assert f"Command: `python -m dist_ast.bench {name} " in text
+    for s in expected:
+        assert s in text, f"{s!r} not in the table:\n{text}"
+    if name == "ablation":  # its own --out (not the harness's --output) got the runs
+        assert (tmp_path / "abl" / "ast_gc" / "seed0" / "summary.json").is_file()
+        assert (tmp_path / "abl.png").stat().st_size > 0

@@ -208,6 +208,8 @@ def run(args: argparse.Namespace | Sequence[str] | None = None) -> list[dict]:
     if not isinstance(args, argparse.Namespace):
         args = parse_args(args)
     rows = []
+    if args.dir:  # --dir names where to write: make it, as the other benches do
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
     base = tempfile.mkdtemp(prefix="dist_ast-ckpt-bench-", dir=args.dir)
     try:
         for world in args.ranks:

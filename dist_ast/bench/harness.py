@@ -307,6 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m dist_ast.bench",
         add_help=False,
+        # no prefixes: a benchmark's own --out must not be taken for the harness's --output
+        allow_abbrev=False,
         description="Run one benchmark, print its table and append it to BENCHMARKS.md. "
         "Options after the name that the harness does not know go to the benchmark "
         "(`python -m dist_ast.bench <name> --help`).",
