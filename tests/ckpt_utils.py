@@ -1,6 +1,10 @@
 """Shared helpers of the checkpoint / preemption / Slurm-resume tests: a short demo run
 as a subprocess (the real command line), waiting on its progress, and comparing two
-finished runs (summary.json without wall time, model.pt tensors, metrics.jsonl)."""
+finished runs (summary.json without wall time, model.pt tensors, metrics.jsonl).
+
+Timeouts: one short run takes 5-30 s on a loaded 2-core machine; each wait here gives
+up after at most 180 s, so a hang fails with what it waited for well before pytest's
+600 s (a test whose waits add up to more says so with its own timeout mark)."""
 
 from __future__ import annotations
 
@@ -54,7 +58,7 @@ def train_cmd(run_dir: Path, *overrides: str) -> list[str]:
     return [PY, "-m", "dist_ast.train", *merged(f"run_dir={run_dir}", *overrides)]
 
 
-def run_train(run_dir: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_train(run_dir: Path, *overrides: str, timeout: float = 180) -> subprocess.CompletedProcess:
     r = subprocess.run(
         train_cmd(run_dir, *overrides),
         cwd=REPO,
@@ -111,7 +115,7 @@ def signal_when(
     ready,  # noqa: ANN001 - a predicate on the run folder
     what: str,
     sig: int = signal.SIGKILL,
-    timeout: float = 240,
+    timeout: float = 120,
 ) -> int:
     """Send ``sig`` to ``proc`` once ``ready(run_dir)`` holds; its exit code. Fails if the
     run ended on its own before that (the test would not test what it says)."""
@@ -119,7 +123,7 @@ def signal_when(
         wait_until(lambda: ready(run_dir) or proc.poll() is not None, timeout, what, poll=0.02)
         assert proc.poll() is None, f"the run ended (code {proc.returncode}) before {what}"
         proc.send_signal(sig)
-        return proc.wait(timeout=120)
+        return proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -194,7 +198,7 @@ def reference_run(world: int, tmp_path_factory) -> Path:  # noqa: ANN001 - pytes
         else:
             procs = spawn_ranks(run_dir, world, log_dir=run_dir.parent / "logs")
             try:
-                codes = [p.wait(timeout=300) for p in procs]
+                codes = [p.wait(timeout=180) for p in procs]
             finally:
                 for p in procs:
                     p.kill()

@@ -47,6 +47,7 @@ def reference2(reference_2rank):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.timeout(900)  # its waits: 180 (reference) + 120 + 60 + 180 + 180 s
 def test_sigterm_two_ranks_save_same_step_requeue_code_then_resume(reference2, tmp_path, rng):
     run_dir, logs = tmp_path / "run", tmp_path / "logs"
     procs = cu.spawn_ranks(run_dir, 2, ASYNC, log_dir=logs)
@@ -54,12 +55,12 @@ def test_sigterm_two_ranks_save_same_step_requeue_code_then_resume(reference2, t
     try:
         cu.wait_until(
             lambda: cu.last_step(run_dir) >= target or any(p.poll() is not None for p in procs),
-            timeout=240,
+            timeout=120,
             what=f"step {target}",
             poll=0.02,
         )
         procs[1].send_signal(signal.SIGTERM)  # one rank only: the other learns it by all-reduce
-        codes = _wait_all(procs, 120)
+        codes = _wait_all(procs, 60)
     finally:
         for p in procs:
             p.kill()
@@ -84,7 +85,7 @@ def test_sigterm_two_ranks_save_same_step_requeue_code_then_resume(reference2, t
 
     # the same command, 2 ranks again: bit for bit the uninterrupted run
     procs = cu.spawn_ranks(run_dir, 2, ASYNC, log_dir=tmp_path / "logs2")
-    assert _wait_all(procs, 300) == [0, 0]
+    assert _wait_all(procs, 180) == [0, 0]
     cu.assert_same_run(reference2, run_dir)
 
     # 2 -> 1 rank: DCP reshards, the loader position follows the step

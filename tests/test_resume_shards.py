@@ -37,7 +37,8 @@ from dist_ast.preemption import REQUEUE_EXIT_CODE
 from tests import ckpt_utils as cu
 from tests.data_utils import corrupt_jpeg
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+# waits of at most 120 s each (ckpt_utils), the first test also makes both references
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 STEPS = 40
 # corrupt JPEGs (shard, index row) in the wds shards: spread so that some are read early
@@ -72,7 +73,7 @@ def references(shard_sets, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     out = {}
     for loader, root in shard_sets.items():
         run_dir = tmp_path_factory.mktemp(f"ref_{loader}") / "run"
-        cu.run_train(run_dir, *overrides(loader, root))
+        cu.run_train(run_dir, *overrides(loader, root), timeout=120)
         out[loader] = run_dir
     return out
 
@@ -120,7 +121,7 @@ def test_kill9_then_same_command_resumes_from_shards_bit_exact(
     assert not (run_dir / "summary.json").exists()
     newest = complete_checkpoints(run_dir)[-1][0]
 
-    r = cu.run_train(run_dir, *over)  # the same command
+    r = cu.run_train(run_dir, *over, timeout=120)  # the same command
     out = r.stdout + r.stderr
     assert resumed_step(out) == newest
     cu.assert_same_run(references[loader], run_dir)
@@ -146,7 +147,7 @@ def test_sigterm_saves_exits_75_then_same_command_resumes_from_shards_bit_exact(
     assert complete_checkpoints(run_dir)[-1][0] == saved  # saved the step it stopped at
     assert not (run_dir / "summary.json").exists()
 
-    r = cu.run_train(run_dir, *over)  # the same command, as a requeue would start it
+    r = cu.run_train(run_dir, *over, timeout=120)  # the same command, as a requeue would
     assert resumed_step(r.stdout + r.stderr) == saved
     cu.assert_same_run(references[loader], run_dir)
     check_bad_samples(loader, references[loader], run_dir, saved)
@@ -160,7 +161,7 @@ def test_readme_demo_from_shards_with_dali(tmp_path):
     readme = ["experiment=demo", "data=digits_shards", "data.loader=dali"]
     cmd = [cu.PY, "-m", "dist_ast.train", *readme, f"data.root={root}", f"run_dir={run_dir}"]
     cmd += ["train.stop_after_steps=12", "train.progress=false"]
-    r = subprocess.run(cmd, cwd=cu.REPO, env=cu.env(), capture_output=True, text=True, timeout=240)
+    r = subprocess.run(cmd, cwd=cu.REPO, env=cu.env(), capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "writing the digits demo shards" in r.stdout + r.stderr
     assert (root / "manifest.json").is_file()
