@@ -24,28 +24,42 @@ batches per epoch is too).
 
 DeepSpeed (``engine=deepspeed``): the engine saves its own format (``engine_save``
 below) beside our AST state, which is written generically from the SubnetModel.
+
+Integrity: before the rename, rank 0 writes ``manifest.json``, the size and crc32c of
+every file in the folder (DCP's shards and ``.metadata``, ``meta.json``, DeepSpeed's
+files), and fsyncs it. A folder can be named ``step-<N>`` and still be damaged (a full
+disk, a dying node or a copy can cut or change a file later), so ``resume=auto`` checks
+the newest checkpoint against its manifest and falls back to the newest intact one, and
+an explicit ``resume=<path>`` that does not match is an error. Checkpoints written before
+manifests existed resume unchecked (with a log line). A save that fails (disk full)
+removes its ``.tmp-`` folder and stops the run with a CheckpointError naming the newest
+intact checkpoint; an async save's failure is raised at the next step boundary.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
+import mmap
 import os
 import pickle
 import random
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, NoReturn
 
+import crc32c
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import AsyncStager
 
@@ -65,12 +79,24 @@ warnings.filterwarnings(
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_VERSION = 1
+CHECKSUM = "crc32c"  # hardware CRC (SSE4.2 / ARMv8): a few GB/s, ~5 % of a ResNet-50 save
 STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-step-"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed from; the message names the folder and why."""
+    """A checkpoint that cannot be resumed from, or a save that failed; the message names
+    the folder, why, and what to do."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint whose files do not match its manifest (or lack one it needs)."""
+
+    def __init__(self, folder: Path, file: str, why: str) -> None:
+        self.folder, self.file, self.why = Path(folder), file, why
+        super().__init__(f"checkpoint {folder} is damaged: {file} {why}")
 
 
 # --------------------------------------------------------------------------- layout
@@ -102,22 +128,181 @@ def complete_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def step_folders(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, folder) of every ``step-<N>`` folder, whole or not, oldest first: what
+    ``resume=auto`` considers (a renamed folder that lost a file is damage to report,
+    not something to skip silently)."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        tail = p.name[len(STEP_PREFIX) :]
+        if p.name.startswith(STEP_PREFIX) and tail.isdigit() and p.is_dir():
+            out.append((int(tail), p))
+    return sorted(out)
+
+
 def resolve_resume(config: RunConfig) -> Path | None:
     """The checkpoint this run starts from: ``checkpoint.resume`` = auto (the newest
-    complete one in run_dir, or none), never, or a path to a ``step-<N>`` folder."""
+    intact one in run_dir, or none), never, or a path to a ``step-<N>`` folder (which
+    must be intact). Reads every file of the chosen checkpoint once (its checksums)."""
     mode = config.checkpoint.resume
     if mode == "never":
         return None
     if mode == "auto":
-        found = complete_checkpoints(config.run_dir)
-        return found[-1][1] if found else None
+        return _newest_intact(config.run_dir, warn=True)
     path = Path(mode)
     if not path.is_dir():
         raise CheckpointError(
             f"checkpoint.resume={mode!r}: no such checkpoint folder (give a "
             "run_dir/checkpoints/step-<N> folder, or auto / never)"
         )
+    try:
+        _verify_logged(path)
+    except DamagedCheckpointError as e:
+        raise CheckpointError(
+            f"checkpoint.resume={mode!r}: {e}. Point checkpoint.resume at an intact "
+            "checkpoint (checkpoint.resume=auto takes the newest intact one in run_dir)"
+        ) from None
     return path
+
+
+def _newest_intact(run_dir: str | os.PathLike, warn: bool) -> Path | None:
+    """The newest checkpoint that matches its manifest (or predates manifests); None
+    when run_dir has none at all. With ``warn``, one warning per damaged newer one; a
+    CheckpointError when checkpoints exist but every one is damaged."""
+    damaged: list[DamagedCheckpointError] = []
+    for _, folder in reversed(step_folders(run_dir)):
+        try:
+            _verify_logged(folder)
+        except DamagedCheckpointError as e:
+            damaged.append(e)
+            continue
+        if warn:
+            for e in damaged:
+                log.warning("%s; resuming from the newest intact checkpoint, %s", e, folder)
+        return folder
+    if damaged:
+        raise CheckpointError(
+            f"no intact checkpoint in {checkpoint_dir(run_dir)}: "
+            + "; ".join(str(e) for e in damaged)
+            + ". Restore a checkpoint there, or start afresh with checkpoint.resume=never "
+            "(or another run_dir, which keeps these for inspection)"
+        )
+    return None
+
+
+def _verify_logged(folder: Path) -> None:
+    start = time.perf_counter()
+    if verify_checkpoint(folder):
+        log.info("checkpoint %s matches its manifest (%.2f s)", folder, time.perf_counter() - start)
+    else:
+        log.info(
+            "checkpoint %s has no %s (written before dist_ast recorded checksums): resuming "
+            "from it without checking its files",
+            folder,
+            MANIFEST_FILE,
+        )
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def file_crc32c(path: Path) -> tuple[int, str]:
+    """(size, crc32c as 8 hex digits) of a file, read through mmap: no copy into Python
+    memory, and the CRC runs without the GIL (an async save checksums in its thread)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return 0, f"{0:08x}"
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return size, f"{crc32c.crc32c(m):08x}"
+
+
+def checksum_files(folder: Path, skip: tuple[str, ...] = (MANIFEST_FILE,)) -> dict[str, dict]:
+    """{relative posix path: {"size", "crc32c"}} of every file under ``folder``."""
+    folder = Path(folder)
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file() and not p.is_symlink() and rel not in skip:
+            size, crc = file_crc32c(p)
+            out[rel] = {"size": size, CHECKSUM: crc}
+    return out
+
+
+def _write_synced(path: Path, text: str) -> None:
+    """Write and fsync a small file (meta.json, manifest.json): it is on disk before the
+    folder is renamed to ``step-<N>``."""
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_manifest(folder: Path, files: dict[str, dict] | None = None) -> dict:
+    """Write ``folder/manifest.json`` (``files`` from ``checksum_files``, computed now when
+    not given); returns the manifest."""
+    folder = Path(folder)
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "checksum": CHECKSUM,
+        "files": checksum_files(folder) if files is None else files,
+    }
+    _write_synced(folder / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest
+
+
+def verify_checkpoint(folder: Path) -> bool:
+    """Check every file of a checkpoint against its manifest: True when it matches, False
+    for a checkpoint written before manifests (meta.json does not name one; only
+    ``.metadata`` and ``meta.json`` are checked to exist). Raises DamagedCheckpointError
+    naming the first missing, short or changed file."""
+    folder = Path(folder)
+    mpath = folder / MANIFEST_FILE
+    if not mpath.is_file():
+        try:
+            meta = json.loads((folder / META_FILE).read_text())
+        except FileNotFoundError:
+            raise DamagedCheckpointError(folder, META_FILE, "is missing") from None
+        except (OSError, ValueError) as e:
+            raise DamagedCheckpointError(folder, META_FILE, f"does not parse ({e})") from None
+        if not isinstance(meta, dict) or meta.get("manifest"):
+            raise DamagedCheckpointError(folder, MANIFEST_FILE, "is missing")
+        if not (folder / ".metadata").is_file():
+            raise DamagedCheckpointError(folder, ".metadata", "is missing")
+        return False
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+        entries = [(str(k), int(v["size"]), str(v[CHECKSUM])) for k, v in files.items()]
+        if manifest["checksum"] != CHECKSUM:
+            raise ValueError(f"checksum {manifest['checksum']!r}, expected {CHECKSUM!r}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DamagedCheckpointError(folder, MANIFEST_FILE, f"does not parse ({e})") from None
+    for need in (".metadata", META_FILE):
+        if need not in files:
+            raise DamagedCheckpointError(folder, MANIFEST_FILE, f"does not list {need}")
+    for rel, size, _ in entries:  # the cheap checks first: missing or short files
+        parts = PurePosixPath(rel).parts
+        if PurePosixPath(rel).is_absolute() or ".." in parts:
+            raise DamagedCheckpointError(folder, MANIFEST_FILE, f"lists a foreign path {rel!r}")
+        p = folder / rel
+        if not p.is_file():
+            raise DamagedCheckpointError(folder, rel, "is missing")
+        got = p.stat().st_size
+        if got != size:
+            raise DamagedCheckpointError(
+                folder, rel, f"has {got} bytes, its manifest says {size} (cut short or changed)"
+            )
+    for rel, _, want in entries:
+        _, got = file_crc32c(folder / rel)
+        if got != want:
+            raise DamagedCheckpointError(
+                folder, rel, f"differs from its manifest ({CHECKSUM} {got}, recorded {want})"
+            )
+    return True
 
 
 # --------------------------------------------------------------------------- safe reading
@@ -192,15 +377,38 @@ def read_meta(path: Path) -> dict:
 
 
 def check_resume(config: RunConfig) -> Path | None:
-    """The checkpoint to resume from, checked (meta.json, model, sub-nets, DCP metadata)
-    before anything is built or written; None for a fresh start."""
-    path = resolve_resume(config)
+    """The checkpoint to resume from, checked (its files against the manifest, meta.json,
+    model, sub-nets, DCP metadata) before anything is built or written; None for a fresh
+    start. Under torchrun rank 0 reads the checksums and every rank gets its choice (one
+    read of the files, one warning, and the same checkpoint on every rank)."""
+    path = _on_rank0(lambda: resolve_resume(config))
     if path is None:
         return None
     meta = read_meta(path)
     check_compatible(meta, config, path)
     _read_dcp_metadata(path)
     return path
+
+
+def _on_rank0(fn: Callable[[], Path | None]) -> Path | None:
+    """``fn()`` on rank 0, its result (or its CheckpointError) broadcast to every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return fn()
+    box: list[Any] = [None]
+    err: BaseException | None = None
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as e:
+            err, box[0] = e, ("error", str(e))
+    # CPU tensors: gloo in a cpu:gloo,cuda:nccl group
+    dist.broadcast_object_list(box, src=0, device=torch.device("cpu"))
+    if err is not None:
+        raise err
+    kind, value = box[0]
+    if kind == "error":
+        raise CheckpointError(value)
+    return value
 
 
 def _read_dcp_metadata(path: Path):  # noqa: ANN202 - DCP's Metadata
@@ -472,9 +680,16 @@ class Checkpointer:
     ``checkpoint.async_save`` the state is staged to CPU memory (kept between saves, see
     :class:`ReusedStagingStager`) and written by a
     background thread over a gloo group of its own (so it never interleaves with the
-    training collectives); rank 0 renames the folder when the write has finished, at a
-    later step boundary or at ``wait()``.
+    training collectives); rank 0 checksums the files in that thread too, and renames the
+    folder when both have finished, at a later step boundary or at ``wait()``.
+
+    A save that fails (an OSError such as a full disk, in DCP's writer, DeepSpeed's save
+    or the commit) removes its ``.tmp-`` folder and raises a one-line CheckpointError;
+    other failures are re-raised as they are (a bug keeps its traceback).
     """
+
+    # DCP's writer, a class attribute so that a test can substitute a failing one
+    writer_class: type[FileSystemWriter] = FileSystemWriter
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
@@ -483,7 +698,9 @@ class Checkpointer:
         self.dist = trainer.dist
         self.last_save_time = time.monotonic()
         self.last_saved_step: int | None = None
-        self._pending: tuple[Future, Path, Path, dict] | None = None
+        self.last_committed: Path | None = None  # rank 0: verified by its own checksums
+        self.checksum_seconds = 0.0  # rank 0, last commit: reading + CRC of the files
+        self._pending: tuple[Future, Path, Path, dict, int] | None = None
         self._group = None
         self._stager = ReusedStagingStager()
         if self.dist.distributed:
@@ -510,40 +727,59 @@ class Checkpointer:
             checkpoint_dir(self.run_dir) / f"{TMP_PREFIX}{step}",
         )
         if self.dist.is_main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
+            try:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                self._abort(step, tmp, e)
         self._barrier()
         state = trainer_state(t)
         meta = _meta(t)
         start = time.perf_counter()
         if self.cfg.async_save and not block:
-            engine_save(t, tmp)  # DeepSpeed's own save is synchronous
-            fut = dcp.async_save(
-                state,
-                checkpoint_id=str(tmp),
-                process_group=self._group,
-                async_stager=self._stager,
-                no_dist=not self.dist.distributed,
-            )
+            try:
+                engine_save(t, tmp)  # DeepSpeed's own save is synchronous
+                fut = dcp.async_save(
+                    state,
+                    checkpoint_id=str(tmp),
+                    storage_writer=self.writer_class(str(tmp)),
+                    process_group=self._group,
+                    async_stager=self._stager,
+                    no_dist=not self.dist.distributed,
+                )
+            except (Exception, CheckpointException) as e:  # DCP's is a BaseException
+                self._abort(step, tmp, e)
             if not isinstance(fut, Future):  # AsyncSaveResponse (custom stagers)
                 fut = fut.upload_completion
-            self._pending = (fut, tmp, final, meta)
+            if self.dist.is_main:  # checksums in the writer's thread, once every rank wrote
+                fut = _then(fut, lambda: self._checksums(tmp))
+            self._pending = (fut, tmp, final, meta, step)
             log.info(
                 "step %d: async checkpoint staged in %.3f s", step, time.perf_counter() - start
             )
         else:
-            dcp.save(
-                state,
-                checkpoint_id=str(tmp),
-                process_group=self._group,
-                no_dist=not self.dist.distributed,
-            )
-            engine_save(t, tmp)
+            try:
+                dcp.save(
+                    state,
+                    checkpoint_id=str(tmp),
+                    storage_writer=self.writer_class(str(tmp)),
+                    process_group=self._group,
+                    no_dist=not self.dist.distributed,
+                )
+                engine_save(t, tmp)
+            except (Exception, CheckpointException) as e:
+                self._abort(step, tmp, e)
             self._barrier()
+            err: BaseException | None = None
             if self.dist.is_main:
-                self._commit(tmp, final, meta)
-            self._barrier()
+                try:
+                    self._commit(tmp, final, meta, self._checksums(tmp))
+                except (Exception, CheckpointException) as e:
+                    err = e
+            if not self._all_ok(err is None):  # every rank learns that rank 0's commit failed
+                why = f"rank 0 could not commit the checkpoint of step {step} (see its error)"
+                self._abort(step, tmp, err or CheckpointError(why))
             log.info(
                 "step %d: checkpoint %s written in %.3f s", step, final, time.perf_counter() - start
             )
@@ -552,16 +788,20 @@ class Checkpointer:
         return final
 
     def finish_pending(self, wait: bool = True) -> None:
-        """Commit a finished async save (rank 0 renames; others just drop the future)."""
+        """Commit a finished async save (rank 0 renames; others just drop the future); a
+        failed one raises here, at the step boundary after the failure."""
         if self._pending is None:
             return
-        fut, tmp, final, meta = self._pending
+        fut, tmp, final, meta, step = self._pending
         if not wait and not fut.done():
             return
-        fut.result()
         self._pending = None
-        if self.dist.is_main:
-            self._commit(tmp, final, meta)
+        try:
+            files = fut.result()
+            if self.dist.is_main:
+                self._commit(tmp, final, meta, files)
+        except (Exception, CheckpointException) as e:
+            self._abort(step, tmp, e)
 
     def wait(self) -> None:
         """Block until an async save is on disk and committed, on every rank."""
@@ -572,29 +812,144 @@ class Checkpointer:
         if self.dist.distributed:
             dist.barrier(group=self._group)
 
-    def _commit(self, tmp: Path, final: Path, meta: dict) -> None:
+    def _all_ok(self, ok: bool) -> bool:
+        """True when ``ok`` on every rank (one all-reduce on the checkpoint group)."""
+        if not self.dist.distributed:
+            return ok
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        return not bool(flag.item())
+
+    def _checksums(self, tmp: Path) -> dict[str, dict]:
+        """Size and crc32c of every file written so far (rank 0, after every rank wrote)."""
+        start = time.perf_counter()
+        files = checksum_files(tmp, skip=(MANIFEST_FILE, META_FILE))
+        self.checksum_seconds = time.perf_counter() - start
+        return files
+
+    def _commit(self, tmp: Path, final: Path, meta: dict, files: dict[str, dict]) -> None:
+        """meta.json, then manifest.json (both fsynced), then the rename (rank 0)."""
         if not (tmp / ".metadata").is_file():
             raise CheckpointError(f"DCP wrote no .metadata into {tmp}: the save did not finish")
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+        _write_synced(tmp / META_FILE, json.dumps({**meta, "manifest": MANIFEST_FILE}, indent=1))
+        start = time.perf_counter()
+        size, crc = file_crc32c(tmp / META_FILE)
+        write_manifest(tmp, {**files, META_FILE: {"size": size, CHECKSUM: crc}})
+        self.checksum_seconds += time.perf_counter() - start
         _fsync_dir(tmp)
+        old = None
         if final.exists():  # a re-save of the same step (resumed run): replace it
-            shutil.rmtree(final)
-        tmp.rename(final)
+            old = final.with_name(f"{TMP_PREFIX}{final.name[len(STEP_PREFIX) :]}.replaced")
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        try:
+            tmp.rename(final)
+        except OSError:
+            if old is not None:  # put the previous one back
+                old.rename(final)
+            raise
         _fsync_dir(final.parent)
-        self._prune()
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self.last_committed = final
+        self._prune(final)
 
-    def _prune(self) -> None:
+    def _prune(self, committed: Path) -> None:
+        """Keep the newest ``keep`` checkpoints, and always the one just committed: a
+        damaged newer one left by an earlier run (which resume skipped) must not push
+        the only intact checkpoint out."""
         keep = max(1, self.cfg.keep)
         found = complete_checkpoints(self.run_dir)
         for _, p in found[:-keep]:
-            shutil.rmtree(p, ignore_errors=True)
+            if p != committed:
+                shutil.rmtree(p, ignore_errors=True)
         # leftovers of crashed writes (no save is in flight on rank 0 at this point)
         for p in checkpoint_dir(self.run_dir).glob(f"{TMP_PREFIX}*"):
             if self._pending is None or p != self._pending[1]:
                 shutil.rmtree(p, ignore_errors=True)
 
+    def _abort(self, step: int, tmp: Path, exc: BaseException) -> NoReturn:
+        """A failed save: remove its folder (rank 0), then raise a one-line CheckpointError
+        for an OSError (what failed, the folder, the newest intact checkpoint, the fix),
+        or re-raise anything else unchanged."""
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        cause = _os_error(exc)
+        if cause is None:
+            raise exc
+        where = checkpoint_dir(self.run_dir)
+        newest = self._newest_intact_or_none()
+        keep = (
+            f"the newest intact checkpoint is {newest} (the same command resumes from it)"
+            if newest is not None
+            else "there is no earlier checkpoint in this run_dir"
+        )
+        if cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = f"free space on the disk of {where} or set run_dir to a disk with room"
+        else:
+            fix = f"check that {where} is writable, or set run_dir to another disk"
+        raise CheckpointError(
+            f"saving the checkpoint of step {step} failed: {_describe(cause)}; removed its "
+            f"unfinished folder {tmp}; {keep}. Fix: {fix}, then run the same command"
+        ) from exc
+
+    def _newest_intact_or_none(self) -> Path | None:
+        """For the failure message: the checkpoint this process committed last, else the
+        newest on disk that verifies (rank 0 reads it; other ranks only list)."""
+        if self.last_committed is not None and self.last_committed.is_dir():
+            return self.last_committed
+        if not self.dist.is_main:
+            found = complete_checkpoints(self.run_dir)
+            return found[-1][1] if found else None
+        try:
+            return _newest_intact(self.run_dir, warn=False)
+        except CheckpointError:
+            return None
+
     def close(self) -> None:
         self.wait()
+
+
+def _then(fut: Future, fn: Callable[[], Any]) -> Future:
+    """A future of ``fn()``, run in the thread that completes ``fut`` once it succeeded
+    (its exception otherwise)."""
+    out: Future = Future()
+
+    def done(f: Future) -> None:
+        try:
+            f.result()
+            out.set_result(fn())
+        except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException included
+            out.set_exception(e)
+
+    fut.add_done_callback(done)
+    return out
+
+
+def _os_error(exc: BaseException | None) -> OSError | None:
+    """The OSError behind a failed save: itself, one that DCP's CheckpointException
+    carries from any rank, or one in its cause chain."""
+    seen = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        if isinstance(e, CheckpointException):
+            todo += [w[0] for w in e.failures.values()]
+        todo += [e.__cause__, e.__context__]
+    return None
+
+
+def _describe(e: OSError) -> str:
+    """``No space left on device (ENOSPC) writing /x/__0_0.distcp`` from an OSError."""
+    name = errno.errorcode.get(e.errno or 0, "")
+    text = e.strerror or str(e)
+    out = f"{text} ({name})" if name else text
+    return f"{out} writing {e.filename}" if e.filename else out
 
 
 def _fsync_dir(path: Path) -> None:

@@ -35,6 +35,8 @@ from dist_ast.checkpoint import (
     rng_state,
     set_rng_state,
     truncate_metrics,
+    verify_checkpoint,
+    write_manifest,
 )
 from tests import ckpt_utils as cu
 from tests.deps import require
@@ -92,6 +94,11 @@ def test_deepspeed_kill9_then_same_command_resumes_bit_exact(precision, tmp_path
     )
     assert (run_dir / "checkpoints" / "step-16" / "deepspeed").is_dir()
 
+    # DeepSpeed's own files are in the manifest, checked like DCP's
+    manifest = json.loads((run_dir / "checkpoints" / "step-16" / "manifest.json").read_text())
+    assert any(f.startswith("deepspeed/engine/") for f in manifest["files"]), manifest
+    assert verify_checkpoint(run_dir / "checkpoints" / "step-16")
+
     r = cu.run_train(run_dir, *overrides)  # the same command
     assert f"resumed from {run_dir / 'checkpoints' / 'step-16'}" in r.stdout + r.stderr
     cu.assert_same_run(reference, run_dir)
@@ -99,9 +106,11 @@ def test_deepspeed_kill9_then_same_command_resumes_bit_exact(precision, tmp_path
 
 @pytest.mark.slow
 def test_crash_mid_write_keeps_previous_checkpoint(reference, tmp_path, monkeypatch):
-    """The second save dies half-way through writing its shards (in-process, so the
-    failure point is exact); the folder stays .tmp-, resume takes step-8 and the run
-    still ends equal to the uninterrupted one."""
+    """The second save fails half-way through writing its shards (in-process, so the
+    failure point is exact): an unexpected error is re-raised as it is, its .tmp- folder
+    is removed, resume takes step-8 and the run still ends equal to the uninterrupted
+    one. A process killed mid-write leaves its .tmp- folder: resume ignores it and the
+    next save deletes it."""
     from torch.distributed.checkpoint import FileSystemWriter
 
     from dist_ast.cli import compose_config
@@ -130,8 +139,11 @@ def test_crash_mid_write_keeps_previous_checkpoint(reference, tmp_path, monkeypa
         torch.set_num_threads(threads)
     monkeypatch.undo()
     ckpts = run_dir / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == [".tmp-step-16", "step-8"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-8"]
     assert [s for s, _ in complete_checkpoints(run_dir)] == [8]
+    # what kill -9 in the middle of the write would have left
+    (ckpts / ".tmp-step-16").mkdir()
+    (ckpts / ".tmp-step-16" / "__0_0.distcp").write_bytes(b"\x00" * 1000)
 
     cu.run_train(run_dir)  # the same command, as a fresh process
     cu.assert_same_run(reference, run_dir)
@@ -201,6 +213,10 @@ def _foreign_model(ck: Path) -> None:
 def test_bad_checkpoint_fails_clearly_and_writes_nothing(
     reference, tmp_path, damage, overrides, message
 ):
+    """The checks behind the checksums: each damaged file is sealed into a new manifest
+    (as a checkpoint written bad, or one from before manifests, would be), so the
+    content checks themselves must catch it (tests/test_checkpoint_integrity.py covers
+    damage after the write)."""
     from dist_ast.cli import compose_config
     from dist_ast.train import run
 
@@ -212,6 +228,7 @@ def test_bad_checkpoint_fails_clearly_and_writes_nothing(
         shutil.rmtree(run_dir / "checkpoints" / f"step-{step}")
     if damage is not None:
         damage(run_dir / "checkpoints" / "step-16")
+        write_manifest(run_dir / "checkpoints" / "step-16")
     before = _snapshot(run_dir)
     pwned = Path("/tmp/dist_ast_pwned")
     pwned.unlink(missing_ok=True)
