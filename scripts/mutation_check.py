@@ -121,14 +121,30 @@ MUTATIONS = [
     Mutation(
         "gradient-not-masked",
         "dist_ast/train.py",
-        (("                w.grad.mul_(m)\n", "                pass\n"),),
+        (
+            (
+                "            torch._foreach_mul_([w.grad for w in weights], model.masks(k))\n",
+                "            pass\n",
+            ),
+        ),
         "3/5: the update (and GC's g_prev) is the dense gradient, not gradient ⊙ m_k",
     ),
     Mutation(
         "momentum-on-inactive",
         "dist_ast/sparsity/optim.py",
-        (("        torch.where(mask, src, dst, out=dst)\n", "        dst.copy_(src)\n"),),
+        (("            torch.where(m, src, dst, out=dst)\n", "            dst.copy_(src)\n"),),
         "3: momentum moves outside m_k",
+    ),
+    Mutation(
+        "update-not-masked",
+        "dist_ast/sparsity/optim.py",
+        (
+            (
+                "    if masked:\n        torch._foreach_mul_(",
+                "    if False:\n        torch._foreach_mul_(",
+            ),
+        ),
+        "3: weight decay and momentum move weights outside m_k",
     ),
     Mutation(
         "weight-decay-on-batchnorm",
@@ -157,8 +173,8 @@ MUTATIONS = [
         "dist_ast/sparsity/model.py",
         (
             (
-                "            row[ks] = True\n",
-                "            row[[(k + 1) % self.num_subnets for k in ks]] = True\n",
+                "                row[k] = True\n",
+                "                row[(k + 1) % self.num_subnets] = True\n",
             ),
         ),
         "4: the optimizer moves BatchNorm row k+1",
@@ -252,9 +268,9 @@ MUTATIONS = [
         "gc-output-dropped",
         "dist_ast/train.py",
         (
-            (
-                "grads, strict=True):\n                w.grad = g\n",
-                "grads, strict=True):\n                pass\n",
+            (  # GC corrects a copy; the optimizer steps the uncorrected w.grad
+                "                [w.grad for w in weights],\n",
+                "                [w.grad.clone() for w in weights],\n",
             ),
         ),
         "9: the optimizer applies g, not the GC output",
@@ -264,8 +280,8 @@ MUTATIONS = [
         "dist_ast/train.py",
         (
             (
-                "model.masks(subnets[0]), schedule.is_group_start(step)",
-                "model.masks(subnets[0]), False",
+                "                schedule.is_group_start(step),\n",
+                "                False,\n",
             ),
         ),
         "9: the first step of an inner group is corrected too",
@@ -275,12 +291,30 @@ MUTATIONS = [
         "dist_ast/sparsity/gradient_correction.py",
         (
             (
-                "            if self.enabled:\n                grads = corrected\n",
-                "            self._keep_direction(grads)\n"
-                "            if self.enabled:\n                return corrected, conflicted\n",
+                "        c = coef.to(prev[0].dtype)\n",
+                "        c = coef.to(prev[0].dtype)\n        raw = [g.clone() for g in grads]\n",
+            ),
+            (
+                "            torch._foreach_addcmul_(grads, prev, masks, value=-1.0)\n"
+                "        else:",
+                "            torch._foreach_addcmul_(grads, prev, masks, value=-1.0)\n"
+                "            self._keep_direction(raw, finite)\n"
+                "            return\n"
+                "        else:",
             ),
         ),
         "9: g_prev keeps the uncorrected g",
+    ),
+    Mutation(
+        "gc-prev-overwritten-first",
+        "dist_ast/sparsity/gradient_correction.py",
+        (
+            (
+                "        stats = conflict_stats(grads, self._prev, masks)\n",
+                "        stats = conflict_stats(grads, grads, masks)\n",
+            ),
+        ),
+        "9: the released code's bug: ĝ is g itself, so GC never fires",
     ),
     Mutation(
         "gc-prev-not-masked",
