@@ -35,7 +35,10 @@ TITLE = "checkpoint: DCP save/load of ResNet-50 with 3 sub-nets, sync vs async"
 NOTES = (
     "blocking = time the training loop waits in Checkpointer.save; async writes in a "
     "thread after copying the state to CPU memory. ratio = async blocking / sync save, "
-    "median of per-round ratios."
+    "median of per-round ratios. checksum = rank 0's manifest of a sync save (reading "
+    "every file back and its crc32c), included in the sync save time; % = median of "
+    "per-round checksum / sync save (goal < 10 %). verify = checking the newest checkpoint "
+    "against its manifest, as resume=auto does before loading."
 )
 
 
@@ -134,7 +137,12 @@ def _barrier(world: int) -> None:
 
 
 def _bench(rank: int, world: int, args: argparse.Namespace, root: Path) -> dict:
-    from dist_ast.checkpoint import Checkpointer, complete_checkpoints, load_checkpoint
+    from dist_ast.checkpoint import (
+        Checkpointer,
+        complete_checkpoints,
+        load_checkpoint,
+        verify_checkpoint,
+    )
 
     torch.set_num_threads(args.threads)
     run_dir = root / f"w{world}"
@@ -143,6 +151,7 @@ def _bench(rank: int, world: int, args: argparse.Namespace, root: Path) -> dict:
     ck_sync, ck_async = Checkpointer(sync_t), Checkpointer(async_t)
     blocking = {"sync": [], "async": []}
     total_async: list[float] = []
+    checksum: list[float] = []  # rank 0's manifest (read + crc32c of every file) in a sync save
     ratios = []
     for r in range(args.rounds + 1):  # round 0 warms up (threads, allocator, page cache)
         for name in ("sync", "async") if r % 2 else ("async", "sync"):
@@ -159,6 +168,8 @@ def _bench(rank: int, world: int, args: argparse.Namespace, root: Path) -> dict:
                     total_async.append(total)
             if r:
                 blocking[name].append(t1 - t0)
+                if name == "sync":
+                    checksum.append(ck.checksum_seconds)
         if r:
             ratios.append(blocking["async"][-1] / blocking["sync"][-1])
     _barrier(world)
@@ -179,6 +190,10 @@ def _bench(rank: int, world: int, args: argparse.Namespace, root: Path) -> dict:
         )
     )
     med = statistics.median
+    checksum_ratio = med([c / s for c, s in zip(checksum, blocking["sync"], strict=True)])
+    t0 = time.perf_counter()
+    verify_checkpoint(newest)  # what resume=auto adds before loading (rank 0)
+    verify_s = time.perf_counter() - t0
     return {
         "ranks": world,
         "state MB": round(size / 1e6, 1),
@@ -187,6 +202,10 @@ def _bench(rank: int, world: int, args: argparse.Namespace, root: Path) -> dict:
         "async total s": round(med(total_async), 3),
         "blocking ratio": round(med(ratios), 3),
         "goal < 0.10": med(ratios) < 0.10,
+        "checksum s": round(med(checksum), 3),
+        "checksum % of save": round(100 * checksum_ratio, 1),
+        "checksum goal < 10 %": checksum_ratio < 0.10,
+        "verify s": round(verify_s, 3),
         "load s": round(med(loads), 3),
         "load exact": ok,
     }
