@@ -64,6 +64,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import AsyncStager
 
 from dist_ast.config import RunConfig, config_as_dict
+from dist_ast.errors import EXIT_CHECKPOINT, ExpectedError
 
 if TYPE_CHECKING:
     from dist_ast.train import Trainer
@@ -86,9 +87,13 @@ STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-step-"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ExpectedError, RuntimeError):
     """A checkpoint that cannot be resumed from, or a save that failed; the message names
     the folder, why, and what to do."""
+
+    exit_code = EXIT_CHECKPOINT
+    kind = "checkpoint error"
+    same_on_every_rank = True
 
 
 class DamagedCheckpointError(CheckpointError):
@@ -726,14 +731,16 @@ class Checkpointer:
             step_dir(self.run_dir, step),
             checkpoint_dir(self.run_dir) / f"{TMP_PREFIX}{step}",
         )
+        made: OSError | None = None
         if self.dist.is_main:
             try:
                 if tmp.exists():
                     shutil.rmtree(tmp)
                 tmp.mkdir(parents=True)
             except OSError as e:
-                self._abort(step, tmp, e)
-        self._barrier()
+                made = e
+        if not self._all_ok(made is None):  # (a barrier too) every rank stops if rank 0 could not
+            self._abort(step, tmp, made or CheckpointError(f"rank 0 could not create {tmp}"))
         state = trainer_state(t)
         meta = _meta(t)
         start = time.perf_counter()
