@@ -291,16 +291,10 @@ MUTATIONS = [
         "dist_ast/sparsity/gradient_correction.py",
         (
             (
-                "        c = coef.to(prev[0].dtype)\n",
-                "        c = coef.to(prev[0].dtype)\n        raw = [g.clone() for g in grads]\n",
-            ),
-            (
-                "            torch._foreach_addcmul_(grads, prev, masks, value=-1.0)\n"
-                "        else:",
-                "            torch._foreach_addcmul_(grads, prev, masks, value=-1.0)\n"
-                "            self._keep_direction(raw, finite)\n"
-                "            return\n"
-                "        else:",
+                "            self._correct(grads, masks, projection_coef(stats), finite)\n",
+                "            raw = [g.clone() for g in grads]\n"
+                "            self._correct(grads, masks, projection_coef(stats), finite)\n"
+                "            self._keep_direction(raw, finite)\n",
             ),
         ),
         "9: g_prev keeps the uncorrected g",
@@ -310,8 +304,8 @@ MUTATIONS = [
         "dist_ast/sparsity/gradient_correction.py",
         (
             (
-                "        stats = conflict_stats(grads, self._prev, masks)\n",
-                "        stats = conflict_stats(grads, grads, masks)\n",
+                "        stats = conflict_stats(grads, self._prev, masks",
+                "        stats = conflict_stats(grads, grads, masks",
             ),
         ),
         "9: the released code's bug: ĝ is g itself, so GC never fires",
@@ -321,11 +315,12 @@ MUTATIONS = [
         "dist_ast/sparsity/gradient_correction.py",
         (
             (
-                "            h = p[i : i + step].double().mul_(m[i : i + step])\n",
-                "            h = p[i : i + step].double()\n",
+                "        stats = conflict_stats(grads, self._prev, masks",
+                "        stats = conflict_stats(grads, self._prev,"
+                " [torch.ones_like(m) for m in masks]",
             ),
         ),
-        "9: g·ĝ and ‖ĝ‖² with ĝ = g_prev instead of g_prev ⊙ m_k",
+        "9: ĝ = g_prev instead of g_prev ⊙ m_k",
     ),
     Mutation(
         "nm-fraction-linear",
