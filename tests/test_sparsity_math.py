@@ -399,6 +399,25 @@ def test_gc_in_place_equals_pure_projection_and_fp16_skips_leave_state():
     gc([t.clone() for t in g], masks, False, finite=torch.tensor(True))
     assert gc.steps_checked == counts[0] + 1
 
+    # channels_last layers: the statistics chunk them in storage order and leave ĝ in
+    # g_prev through views; the result is the logical-order computation's
+    cl = [torch.rand(5, 4, 3, 3, generator=gen) < 0.5, torch.rand(6, 5, 1, 1, generator=gen) < 0.5]
+    first = [torch.randn(m.shape, generator=gen) * m for m in cl]
+    g = [
+        (0.5 * torch.randn(m.shape, generator=gen) - f) * m for f, m in zip(first, cl, strict=True)
+    ]
+    want, dot = project_conflict(g, first, cl)
+
+    def nhwc(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t.contiguous(memory_format=torch.channels_last) for t in ts]
+
+    gc = GradientCorrection()
+    gc(nhwc(first), nhwc(cl), group_start=True)
+    got, conflicted = gc(nhwc(g), nhwc(cl), group_start=False)
+    assert bool(conflicted) and float(dot) < 0
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert all(torch.equal(p, w) for p, w in zip(gc.prev, want, strict=True))
+
     # a run whose first step is skipped has no direction yet: nothing to compare with next
     fresh = GradientCorrection()
     fresh([torch.full(m.shape, math.inf) for m in masks], masks, True, finite=no)

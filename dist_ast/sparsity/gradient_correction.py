@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from dist_ast.sparsity.layers import memory_order
+
 # Elements per fp64 chunk on CPU: the two fp64 copies of a chunk (4 MB) stay in L3
 # instead of materializing fp64 copies of every layer (~6 % of a ResNet-18 step), and
 # the chunks are few enough that per-op overhead stays small. Measured on ResNet-50's
@@ -24,24 +26,56 @@ import torch.distributed as dist
 _CPU_CHUNK = 1 << 18
 
 
+def _flat_views(*ts: torch.Tensor) -> list[torch.Tensor] | None:
+    """The tensors flattened in their common storage order, as views (so writes land),
+    or None when their layouts differ or are not dense (then flattening would copy)."""
+    t0 = ts[0]
+    if any(t.shape != t0.shape or t.stride() != t0.stride() for t in ts):
+        return None
+    dense = t0.is_contiguous() or (
+        t0.ndim == 4 and t0.is_contiguous(memory_format=torch.channels_last)
+    )
+    if not dense:
+        return None
+    return [memory_order(t, t0) for t in ts]
+
+
 def conflict_stats(
-    grads: list[torch.Tensor], prev: list[torch.Tensor], masks: list[torch.Tensor]
+    grads: list[torch.Tensor],
+    prev: list[torch.Tensor],
+    masks: list[torch.Tensor],
+    *,
+    mask_prev: bool = False,
 ) -> torch.Tensor:
     """[g·ĝ, ‖ĝ‖²] with ĝ = prev ⊙ m, in float64 (products of fp32 values are exact there).
 
     One pass: each chunk is converted to fp64 once and both sums share it; ĝ is never
     materialized. Equal to per-layer fp64 ``torch.dot`` sums up to the order of the fp64
     additions (the accumulation is exact to ~1e-16 relative per addition either way).
+    Chunks follow the storage order (channels_last weights are not copied to flatten).
+
+    ``mask_prev``: also leave ĝ in ``prev`` (prev ← prev ⊙ m in place, exact), done
+    chunk by chunk while the chunk is in cache, so that the correction that follows
+    needs no pass over the masks of its own.
     """
     device = grads[0].device if grads else torch.device("cpu")
     dot = torch.zeros((), dtype=torch.float64, device=device)
     norm_sq = torch.zeros((), dtype=torch.float64, device=device)
     for g, p, m in zip(grads, prev, masks, strict=True):
-        g, p, m = g.reshape(-1), p.reshape(-1), m.reshape(-1)
+        views = _flat_views(g, p, m)
+        in_chunks = mask_prev and views is not None
+        if views is None:  # layouts differ: flatten logically (copies)
+            if mask_prev:
+                p.mul_(m)  # ĝ into prev by a pass of its own
+            views = [g.reshape(-1), p.reshape(-1), m.reshape(-1)]
+        fg, fp, fm = views
         step = _CPU_CHUNK if g.device.type == "cpu" else max(1, g.numel())
         for i in range(0, g.numel(), step):
-            h = p[i : i + step].double().mul_(m[i : i + step])
-            dot += torch.dot(g[i : i + step].double(), h)
+            if in_chunks:  # fp32 p·m is exact, so its fp64 copy equals fp64 p·m
+                h = fp[i : i + step].mul_(fm[i : i + step]).double()
+            else:
+                h = fp[i : i + step].double().mul_(fm[i : i + step])
+            dot += torch.dot(fg[i : i + step].double(), h)
             norm_sq += torch.dot(h, h)
     return torch.stack([dot, norm_sq])
 
@@ -116,7 +150,9 @@ class GradientCorrection:
         if group_start or self._prev is None or self._valid is False:
             self._keep_direction(grads, finite)
             return grads, False
-        stats = conflict_stats(grads, self._prev, masks)
+        # fp32: g_prev is overwritten at the end of this step, so the statistics pass may
+        # leave ĝ = g_prev ⊙ m in it; a skipped fp16 step must find g_prev intact
+        stats = conflict_stats(grads, self._prev, masks, mask_prev=finite is None)
         if reduce_group is not None:
             dist.all_reduce(stats, group=reduce_group)  # type: ignore[arg-type]
         checked = self._valid if finite is None else finite & self._valid
@@ -137,13 +173,15 @@ class GradientCorrection:
         finite: torch.Tensor | None,
     ) -> None:
         """g ← g − coef·(g_prev ⊙ m), then g_prev ← g. The coefficient is rounded to the
-        buffer's fp32 as a Python scalar would be; (c·p)·m equals c·(p·m) for a 0/1 mask."""
+        buffer's fp32 as a Python scalar would be; (c·p)·m equals c·(p·m) for a 0/1 mask.
+        fp32: the statistics left ĝ in g_prev, which is overwritten below: scale it in
+        place and subtract, two mask-free passes and no temporary."""
         prev = self._prev
         assert prev is not None
         c = coef.to(prev[0].dtype)
-        if finite is None:  # g_prev is overwritten below: scale it in place, no temporary
+        if finite is None:
             torch._foreach_mul_(prev, c)
-            torch._foreach_addcmul_(grads, prev, masks, value=-1.0)
+            torch._foreach_sub_(grads, prev)
         else:  # a skipped step must find g_prev intact
             torch._foreach_addcmul_(grads, torch._foreach_mul(prev, c), masks, value=-1.0)
         self._keep_direction(grads, finite)
