@@ -4,7 +4,6 @@ turning a composed config into validated dataclasses with a clear error."""
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from dist_ast.config import ConfigError, RunConfig, to_run_config
+from dist_ast.config import RunConfig, to_run_config
+from dist_ast.errors import as_expected, report_and_exit
 from dist_ast.models import BUILTIN_MODELS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -50,15 +50,12 @@ def hydra_main(fn: Callable[[RunConfig], Any], config_name: str = "config") -> N
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)
     def _main(cfg: DictConfig) -> None:
         try:
-            config = to_run_config(cfg)
-        except ConfigError as e:
-            log.error("%s", e)
-            sys.exit(2)
-        try:
-            fn(config)
-        except ConfigError as e:
-            log.error("%s", e)
-            sys.exit(2)
+            fn(to_run_config(cfg))
+        except Exception as e:  # expected failures: one line and their exit code
+            expected = as_expected(e)
+            if expected is None:
+                raise  # a bug: keep the traceback
+            report_and_exit(expected)
 
     _main()
 

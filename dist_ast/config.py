@@ -17,6 +17,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from dist_ast.errors import EXIT_CONFIG, ExpectedError
+
 DATASETS = ("digits", "digits_shards", "cifar10", "imagenet", "synthetic")
 LOADERS = ("memory", "wds", "dali")
 IN_MEMORY_DATASETS = ("digits", "synthetic")  # loader=memory; the others read shards
@@ -26,8 +28,12 @@ ENGINES = ("ddp", "deepspeed")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-class ConfigError(ValueError):
+class ConfigError(ExpectedError, ValueError):
     """A configuration value that cannot run; the message names the key and the fix."""
+
+    exit_code = EXIT_CONFIG
+    kind = "config error"
+    same_on_every_rank = True
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -279,6 +285,9 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # steps; 0 = only at the end
     device: str = "auto"  # auto | cpu | cuda
+    # A rank that waits this long in a collective for a dead or stuck peer stops with
+    # "peer rank lost" (exit 6) instead of hanging (torchrun --max-restarts then resumes).
+    collective_timeout_minutes: float = 10.0
     progress: bool = True  # rich progress bar on rank 0
     tensorboard: bool = True  # scalars of metrics.jsonl also in run_dir/tb (rank 0)
 
@@ -298,6 +307,12 @@ class TrainConfig:
             f"choose one of {PRECISIONS}",
         )
         _require(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
+        _require(
+            self.collective_timeout_minutes > 0,
+            "train.collective_timeout_minutes",
+            self.collective_timeout_minutes,
+            "must be > 0 (minutes a rank waits for its peers in a collective)",
+        )
         _require(
             self.device in ("auto", "cpu", "cuda"), "train.device", self.device, "auto|cpu|cuda"
         )

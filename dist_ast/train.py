@@ -445,7 +445,7 @@ def run(config: RunConfig) -> dict:
     from dist_ast.checkpoint import check_resume, truncate_metrics
     from dist_ast.preemption import Preempted
 
-    dist_info = init_distributed(config.train.device)
+    dist_info = init_distributed(config.train.device, config.train.collective_timeout_minutes)
     with leave_together(agreed=(Preempted,)):
         run_dir = Path(config.run_dir)
         resume = check_resume(config)  # a bad checkpoint fails here, before any write

@@ -13,7 +13,7 @@ import torch
 from dist_ast.config import DataConfig
 from dist_ast.data import build_loaders
 from dist_ast.data.dali import parse_labels
-from dist_ast.data.shards import ShardSet, rank_slice
+from dist_ast.data.shards import ShardError, ShardSet, rank_slice
 from tests.data_utils import eval_loader, take, train_loader
 
 KINDS = ["wds", "dali"]
@@ -178,7 +178,7 @@ def test_build_loaders_digits_shards_writes_the_shards(loader, tmp_path: Path, d
 
 
 def test_build_loaders_errors(tmp_path: Path, cifar) -> None:
-    with pytest.raises(ValueError, match="data.root is empty"):
+    with pytest.raises(ShardError, match="data.root is empty"):
         build_loaders(DataConfig(name="imagenet", loader="wds"), batch_size=8)
     tree = tmp_path / "tree"
     (tree / "train").mkdir(parents=True)

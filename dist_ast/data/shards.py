@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from dist_ast.errors import EXIT_DATA, ExpectedError
+
 log = logging.getLogger("dist_ast.data.shards")
 
 FORMAT = "dist_ast.shards"
@@ -50,8 +52,11 @@ SPLITS = ("train", "val")
 KEY_DIGITS = 9
 
 
-class ShardError(RuntimeError):
+class ShardError(ExpectedError, RuntimeError):
     """A shard directory that cannot be read as written; the message names shard and key."""
+
+    exit_code = EXIT_DATA
+    kind = "data error"
 
 
 # --------------------------------------------------------------------------- sources
@@ -785,10 +790,15 @@ def shard_loaders(
         root = root or DIGITS_SHARDS_ROOT
         ensure_digits_shards(root)
     if not root:
-        raise ValueError(f"data.root is empty: point it at a shard directory for data={cfg.name}")
+        raise ShardError(f"data.root is empty: point it at a shard directory for data={cfg.name}")
     if not (Path(root) / MANIFEST).exists():
-        hint = ""
-        if (Path(root) / "train").is_dir():
+        hint = (
+            " Point data.root at a folder written by `python -m dist_ast.data.shards --src "
+            "<ImageFolder tree> --out <shard dir>`."
+        )
+        if not Path(root).is_dir():
+            hint = f" The folder does not exist.{hint}"
+        elif (Path(root) / "train").is_dir():
             hint = (
                 f" It looks like an ImageFolder tree: convert it with `python -m "
                 f"dist_ast.data.shards --src {root} --out <shard dir>` and set data.root to "

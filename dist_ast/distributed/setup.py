@@ -240,7 +240,7 @@ def cuda_device_index(
     return local_rank
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
+def init_distributed(device: str = "auto", timeout_minutes: float = 10.0) -> DistInfo:
     """Join the process group the launcher describes (torchrun, submitit or Slurm).
 
     On CUDA this also turns on ``cudnn.benchmark``: training shapes are fixed, so the
@@ -265,7 +265,12 @@ def init_distributed(device: str = "auto") -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=process_group_backend(dev))
+        # A collective that waits longer than this for a rank fails on the others
+        # (dist_ast.errors: PeerLostError, exit 6) instead of hanging the job.
+        dist.init_process_group(
+            backend=process_group_backend(dev),
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
         log.info(
             "rank %d/%d joined (%s, launched by %s)",
             rank,
