@@ -204,3 +204,19 @@ def test_trainer_applies_the_gc_projection_and_counts_conflicts(tmp_path):
             projected += 1
     assert projected > 0, "no conflicting step: the test checked no projection"
     assert (trainer.gc.steps_checked, trainer.gc.conflicts) == (checked, conflicts)
+
+
+def test_progress_bar_shows_the_logged_loss_only():
+    """Between log steps the loss is a tensor and the bar leaves it unread; once a log
+    step has turned it into a float (log_metrics runs after the bar's update in fit),
+    the bar shows it from the next update on."""
+    from dist_ast.progress import training_progress
+
+    with training_progress(10, enabled=True) as bar:
+        out = {"loss": torch.tensor(2.5), "lr": 0.1, "subnet": 0}
+        with count_host_reads() as reads:
+            bar.update(1, out)
+        assert reads == [] and "loss" not in bar.progress.tasks[0].fields["info"]
+        out["loss"] = float(out["loss"])  # what Trainer.log_metrics does on a log step
+        bar.update(2, {"loss": torch.tensor(9.0), "lr": 0.1, "subnet": 1})
+        assert "loss 2.500" in bar.progress.tasks[0].fields["info"]
