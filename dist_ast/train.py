@@ -196,6 +196,8 @@ class Trainer:
         else:
             self.optimizer.step(update_masks)
         self.sync.end_step()  # BatchNorm running statistics averaged over ranks
+        # Training FLOPs (rule 11): this step's passes at the masks they ran with.
+        self.flops.add_step(subnets)
 
         # 5. Prune-and-regrow of the sub-net(s) scheduled at this step: rank 0 decides,
         # the masks are broadcast bit-packed and checksummed on every rank.
@@ -210,9 +212,7 @@ class Trainer:
             self.mask_updates.append({"step": step, "subnet": k, "reset": reset})
             log.debug("step %d: sub-net %d mask update (%d weights grown fresh)", step, k, reset)
         if updating:
-            self.flops.refresh(model)
-
-        self.flops.add_step(subnets)
+            self.flops.refresh(model)  # the cost of the next steps
         return {
             "loss": loss if len(subnets) == 1 else loss / len(subnets),  # device tensor
             "lr": lr,

@@ -59,7 +59,7 @@ MUTATIONS = [
     Mutation(
         "flops-refresh-deleted",
         "dist_ast/train.py",
-        (("            self.flops.refresh(model)\n", "            pass\n"),),
+        (("            self.flops.refresh(model)  # the cost of the next steps\n", "            pass\n"),),
         "11: FLOPs stay at the initial densities",
     ),
     Mutation(

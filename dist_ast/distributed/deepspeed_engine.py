@@ -309,6 +309,7 @@ class DeepSpeedSync(GradSync):
         engine.step()
         plan, opt.plan = opt.plan, None
         self.end_step()
+        trainer.flops.add_step([k])  # at the masks this step ran with (rule 11)
         for j in updating:
             dense = plan.dense
             if not plan.ran:
@@ -319,7 +320,6 @@ class DeepSpeedSync(GradSync):
             trainer.mask_updates.append({"step": step, "subnet": j, "reset": reset})
         if updating:
             trainer.flops.refresh(model)
-        trainer.flops.add_step([k])
         return {
             "loss": float(loss.detach()),
             "lr": lr,
