@@ -9,7 +9,7 @@
 #
 # Exit 0: every check passed; 1: a check failed (its row says why, its log is in the
 # work folder); 2: no CUDA GPU here (nothing is run). PYTHON overrides the interpreter
-# (default .venv/bin/python if present, else python3). Details: dist_ast/bench/gpu.py.
+# (default .venv/bin/python if present, else python3). Details: benchmarks/gpu.py.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [[ -z ${PYTHON:-} ]]; then
@@ -20,4 +20,4 @@ if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() el
     "this check needs one NVIDIA GPU. Nothing was run." >&2
   exit 2
 fi
-exec "$PYTHON" -m dist_ast.bench.gpu "$@"
+exec "$PYTHON" -m benchmarks.gpu "$@"

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from dist_ast.bench import BENCHMARKS, ablation, harness
+from benchmarks import BENCHMARKS, ablation, harness
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_summarize_matches_numpy_quantiles():
@@ -109,13 +111,13 @@ def test_append_markdown_writes_header_once_and_dated_sections(tmp_path):
     when = dt.datetime(2026, 1, 2, 3, 4, tzinfo=dt.timezone.utc)
     for i in range(2):
         sec = harness.markdown_section(
-            "step", [{"v": i}], command="python -m dist_ast.bench step", machine=machine, when=when
+            "step", [{"v": i}], command="python -m benchmarks step", machine=machine, when=when
         )
         harness.append_markdown(out, sec)
     text = out.read_text()
     assert text.count("# Benchmarks") == 1
     assert text.count("## step · 2026-01-02 03:04 UTC") == 2
-    assert "Command: `python -m dist_ast.bench step`" in text
+    assert "Command: `python -m benchmarks step`" in text
     assert "TestCPU (2 cores, 1 torch threads)" in text
     assert "| 0 |" in text and "| 1 |" in text
 
@@ -128,7 +130,7 @@ def test_machine_description_has_the_essentials():
 
 def test_main_dispatches_to_module_and_records(tmp_path, monkeypatch, capsys):
     seen = {}
-    fake = types.ModuleType("dist_ast.bench.comm")
+    fake = types.ModuleType("benchmarks.comm")
     fake.TITLE = "fake comm"
 
     def add_arguments(p):
@@ -139,13 +141,13 @@ def test_main_dispatches_to_module_and_records(tmp_path, monkeypatch, capsys):
         return [{"size": args.size, "ratio": 1.01}]
 
     fake.add_arguments, fake.run = add_arguments, run
-    monkeypatch.setitem(sys.modules, "dist_ast.bench.comm", fake)
+    monkeypatch.setitem(sys.modules, "benchmarks.comm", fake)
     out = tmp_path / "BENCH.md"
     assert harness.main(["comm", "--size", "7", "--output", str(out)]) == 0
     assert seen["size"] == 7
     text = out.read_text()
     assert "## fake comm ·" in text
-    assert "`python -m dist_ast.bench comm --size 7 --output " in text
+    assert "`python -m benchmarks comm --size 7 --output " in text
     assert "| size | ratio |" in text and "| 7 | 1.01 |" in text
     # --no-record prints only
     assert harness.main(["comm", "--no-record", "--output", str(out)]) == 0
@@ -153,17 +155,49 @@ def test_main_dispatches_to_module_and_records(tmp_path, monkeypatch, capsys):
 
 
 def test_main_reports_missing_benchmark(monkeypatch):
-    monkeypatch.setitem(sys.modules, "dist_ast.bench.sparse24", None)  # import fails
+    monkeypatch.setitem(sys.modules, "benchmarks.sparse24", None)  # import fails
     assert harness.main(["sparse24", "--no-record"]) == 2
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_every_benchmark_keeps_the_one_parser_contract(name):
+    """``add_arguments(parser)`` + ``run(args) -> rows``: every option has a default, so
+    ``parse_args(module, [])`` works, and no second parser lives beside it."""
+    module = importlib.import_module(f"benchmarks.{name}")
+    assert callable(module.add_arguments) and callable(module.run)
+    for other in ("parser", "parse_args", "print_table"):
+        assert not hasattr(module, other), f"benchmarks.{name}.{other}: one parser contract"
+    assert isinstance(harness.parse_args(module, []), argparse.Namespace)
+
+
+def test_default_output_is_benchmarks_md_in_the_working_directory(tmp_path, monkeypatch):
+    """BENCHMARKS.md is found from where the command runs (the repository root), never
+    from the location of the benchmarks' files."""
+    assert harness.DEFAULT_OUTPUT == Path("BENCHMARKS.md")
+    fake = types.ModuleType("benchmarks.comm")
+    fake.add_arguments = lambda p: None
+    fake.run = lambda args: [{"x": 1}]
+    monkeypatch.setitem(sys.modules, "benchmarks.comm", fake)
+    monkeypatch.chdir(tmp_path)
+    assert harness.main(["comm"]) == 0
+    assert "Command: `python -m benchmarks comm`" in (tmp_path / "BENCHMARKS.md").read_text()
+
+
+def test_benchmarks_stay_out_of_the_wheel():
+    tomllib = pytest.importorskip("tomllib")
+    from setuptools import find_packages
+
+    find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = find_packages(str(REPO), **find["packages"]["find"])
+    assert "dist_ast" in found
+    assert not [p for p in found if p.startswith(("benchmarks", "tests", "dist_ast.bench"))]
 
 
 # -- the ablation's bookkeeping ------------------------------------------------------------
 
 
 def _ablation_args(tmp_path, **kw):
-    p = argparse.ArgumentParser()
-    ablation.add_arguments(p)
-    a = p.parse_args(["--out", str(tmp_path / "abl"), "--seeds", "0", "1"])
+    a = harness.parse_args(ablation, ["--out", str(tmp_path / "abl"), "--seeds", "0", "1"])
     for k, v in kw.items():
         setattr(a, k, v)
     return a
@@ -231,7 +265,6 @@ def test_ablation_aggregates_mean_std_over_seeds_and_reads_curves(tmp_path):
 
 # -- every benchmark through its command line, one tiny round ------------------------------
 
-REPO = Path(__file__).resolve().parent.parent
 
 # name -> (options for one small round on a toy setting, strings its table must contain)
 TINY = {
@@ -280,22 +313,22 @@ def test_tiny_rounds_cover_every_benchmark():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(TINY))
 def test_benchmark_cli_one_tiny_round_records_only_where_told(name, tmp_path):
-    """``python -m dist_ast.bench <name>`` end to end on a small setting: it exits 0 and
+    """``python -m benchmarks <name>`` end to end on a small setting: it exits 0 and
     appends its dated table to --output, never to the repository's BENCHMARKS.md (the
     command runs in tmp_path, so relative run folders land there too)."""
     options, expected = TINY[name]
     options = [o.replace("{tmp}", str(tmp_path)) for o in options]
     out = tmp_path / "BENCH.md"
-    before = hashlib.sha256(harness.DEFAULT_OUTPUT.read_bytes()).hexdigest()
-    cmd = [sys.executable, "-m", "dist_ast.bench", name, *options, "--output", str(out)]
+    before = hashlib.sha256((REPO / "BENCHMARKS.md").read_bytes()).hexdigest()
+    cmd = [sys.executable, "-m", "benchmarks", name, *options, "--output", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert hashlib.sha256(harness.DEFAULT_OUTPUT.read_bytes()).hexdigest() == before
+    assert hashlib.sha256((REPO / "BENCHMARKS.md").read_bytes()).hexdigest() == before
     text = out.read_text()
-    title = importlib.import_module(f"dist_ast.bench.{name}").TITLE
+    title = importlib.import_module(f"benchmarks.{name}").TITLE
     assert text.count(f"## {title} · ") == 1
-    assert f"Command: `python -m dist_ast.bench {name} " in text
+    assert f"Command: `python -m benchmarks {name} " in text
     for s in expected:
         assert s in text, f"{s!r} not in the table:\n{text}"
     if name == "ablation":  # its own --out (not the harness's --output) got the runs

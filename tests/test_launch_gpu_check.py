@@ -1,4 +1,4 @@
-"""The GPU acceptance check (scripts/gpu-check.sh, dist_ast/bench/gpu.py) and the 2:4
+"""The GPU acceptance check (scripts/gpu-check.sh, benchmarks/gpu.py) and the 2:4
 bench's shapes, as far as a machine without a GPU can check them: the script parses, it
 refuses cleanly without CUDA, the table is judged right from fake results, the child
 process protocol reports a failing check as a FAIL row, and the default 2:4 shapes
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_ast.bench import gpu
+from benchmarks import gpu
 
 REPO = Path(__file__).resolve().parents[1]
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: run the check")
@@ -42,7 +42,7 @@ def test_gpu_check_refuses_without_cuda_and_runs_nothing(tmp_path: Path) -> None
     assert not (tmp_path / "w").exists()
     # the module refuses too, when called without the script
     m = subprocess.run(
-        [sys.executable, "-m", "dist_ast.bench.gpu", "--workdir", str(tmp_path / "w")],
+        [sys.executable, "-m", "benchmarks.gpu", "--workdir", str(tmp_path / "w")],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -135,7 +135,7 @@ def test_bench_rows_judge_step_sparse24_sync_and_errors() -> None:
 
 
 def test_table_renders_every_row() -> None:
-    from dist_ast.bench import harness
+    from benchmarks import harness
 
     rows = [
         gpu.table_row("demo", {**_train(), "peak_gib": 1.5}, 10),
@@ -166,7 +166,7 @@ def test_sparse24_default_shapes_fit_torch_semi_structured(dtype: torch.dtype) -
         SparseSemiStructuredTensorCUTLASS,
     )
 
-    from dist_ast.bench import sparse24
+    from benchmarks import sparse24
 
     for cls in (SparseSemiStructuredTensorCUTLASS, SparseSemiStructuredTensorCUSPARSELT):
         c = cls._DTYPE_SHAPE_CONSTRAINTS[dtype]
@@ -182,7 +182,7 @@ def test_sparse24_default_shapes_fit_torch_semi_structured(dtype: torch.dtype) -
 
 
 def test_sparse24_through_the_bench_harness_without_gpu(capsys: pytest.CaptureFixture) -> None:
-    from dist_ast.bench import harness
+    from benchmarks import harness
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: the bench runs for real")

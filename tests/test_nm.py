@@ -138,14 +138,13 @@ def test_every_group_in_pattern_after_a_short_training_run(tmp_path):
     assert s2[0] < 0.875 and s2 == sorted(s2) and s2[-1] == pytest.approx(0.875)
 
 
-def test_sparse24_bench_prepares_24_weights_and_skips_without_gpu(capsys):
-    from dist_ast.bench import sparse24
+def test_sparse24_bench_prepares_24_weights_and_skips_without_gpu():
+    from benchmarks import harness, sparse24
 
     w = torch.randn(64, 128)
     w24 = sparse24.to_24(w)
     assert nm.satisfies(w24 != 0, "2:4") and int((w24 != 0).sum()) == w.numel() // 2
     if torch.cuda.is_available():
-        pytest.skip("a GPU is present: the bench itself runs (python -m dist_ast.bench.sparse24)")
-    result = sparse24.main(["--batch", "8"])
-    assert "no CUDA GPU" in result["skipped"]
-    assert "sparse24 bench skipped" in capsys.readouterr().out
+        pytest.skip("a GPU is present: the bench itself runs (python -m benchmarks sparse24)")
+    rows = sparse24.run(harness.parse_args(sparse24, ["--batch", "8"]))
+    assert len(rows) == 1 and "no CUDA GPU" in rows[0]["skipped"]

@@ -3,7 +3,7 @@ webdataset loader vs torchvision ImageFolder + DataLoader, on the same JPEGs, th
 ImageNet training recipe (random-resized crop, flip, normalize) at 224 px and the same
 number of worker processes / DALI threads.
 
-    python -m dist_ast.bench.data [--images 1024] [--workers 2] [--batch-size 64]
+    python -m benchmarks.data [--images 1024] [--workers 2] [--batch-size 64]
 
 The JPEGs are crops of scikit-learn's two bundled photos (427x640), random sizes
 between 256 and 427 px a side (ImageNet's typical size), quality 90, written once to
@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,7 +31,7 @@ from typing import Any
 
 import torch
 
-log = logging.getLogger("dist_ast.bench.data")
+log = logging.getLogger("benchmarks.data")
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -64,7 +66,8 @@ def make_jpegs(root: Path, n: int, seed: int = 0) -> Path:
 
 
 def make_shards(tree: Path, out: Path) -> Path:
-    from dist_ast.data.shards import MANIFEST, write_shards
+    from dist_ast.data.shardset import MANIFEST
+    from dist_ast.data.writer import write_shards
 
     if not (out / MANIFEST).exists():
         write_shards(tree, out, shard_size=256, workers=2, progress=False)
@@ -157,17 +160,11 @@ def measure(make: Callable[[], Iterator[Any]], batches: int) -> dict[str, float]
     }
 
 
-def run(args: argparse.Namespace | dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Benchmark rows: {"loader", "device", "workers", "images_per_s", "ratio", ...}.
-    ``args``: any subset of this module's command-line options (a Namespace or dict,
-    attribute names as argparse spells them); the rest take their defaults."""
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Benchmark rows: {"loader", "device", "images_per_s", "ratio", ...}; with
+    ``--json`` also written to that file."""
     from dist_ast.data.dali import DaliTrainLoader, dali_available
     from dist_ast.data.wds import WdsTrainLoader
-
-    opts = vars(parser().parse_args([]))
-    given = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
-    opts.update({k: v for k, v in given.items() if k in opts and v is not None})
-    args = argparse.Namespace(**opts)
 
     cache = Path(args.cache)
     tree = make_jpegs(cache, args.images)
@@ -197,7 +194,7 @@ def run(args: argparse.Namespace | dict[str, Any] | None = None) -> list[dict[st
     runs: dict[str, list[dict[str, float]]] = {name: [] for name, _d, _m in candidates}
     for r in range(args.rounds):
         # interleaved, the order rotated every round, so that drift in the machine's load
-        # hits every loader alike; ratios are paired by round (see dist_ast.bench.harness)
+        # hits every loader alike; ratios are paired by round (see benchmarks.harness)
         order = candidates[r % len(candidates) :] + candidates[: r % len(candidates)]
         for name, _dev, make in order:
             m = measure(make, batches)
@@ -225,7 +222,7 @@ def run(args: argparse.Namespace | dict[str, Any] | None = None) -> list[dict[st
         f"{W} workers/threads, batch {B}, {S} px, {args.images} training JPEGs, "
         f"{batches} timed batches per run, {args.rounds} rounds"
     )
-    return [
+    rows = [
         {
             "loader": name,
             "device": dev,
@@ -237,6 +234,9 @@ def run(args: argparse.Namespace | dict[str, Any] | None = None) -> list[dict[st
         }
         for name, dev, _ in candidates
     ]
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    return rows
 
 
 _LAST_LOAD = float("nan")
@@ -254,31 +254,7 @@ def last_notes() -> str:
     return f"{_LAST_SETUP}; 1-minute load average at the end: {_LAST_LOAD:.1f}."
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    if not rows:
-        return
-    t = Table(title=f"{TITLE}\n{last_notes()}")
-    cols = ("loader", "device", "images/s", "× ImageFolder", "img/CPU-s", "× ImageFolder ")
-    for col in (*cols, "start-up s"):
-        t.add_column(col, justify="left" if col in ("loader", "device") else "right")
-    for r in rows:
-        t.add_row(
-            r["loader"],
-            r["device"],
-            f"{r['images_per_s']:.1f}",
-            f"{r['ratio']:.2f}",
-            f"{r['images_per_cpu_s']:.1f}",
-            f"{r['cpu_ratio']:.2f}",
-            f"{r['startup_s']:.1f}",
-        )
-    Console(width=max(110, Console().width)).print(t)
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dist_ast.bench.data", description=__doc__)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, default=1024, help="training JPEGs to generate")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers = DALI threads")
     p.add_argument("--batch-size", type=int, default=64)
@@ -287,22 +263,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--cache", default="runs/bench/data")
     p.add_argument("--json", help="also write the rows to this JSON file")
-    return p
-
-
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    from rich.logging import RichHandler
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler()])
-    args = parser().parse_args(argv)
-    rows = run(args)
-    print_table(rows)
-    if args.json:
-        import json
-
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
-    return rows
 
 
 if __name__ == "__main__":
-    main()
+    from benchmarks.harness import main
+
+    sys.exit(main(["data", *sys.argv[1:]]))

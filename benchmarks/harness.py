@@ -27,11 +27,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from dist_ast.bench import BENCHMARKS
+from benchmarks import BENCHMARKS
 
-log = logging.getLogger("dist_ast.bench")
+log = logging.getLogger("benchmarks")
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parents[2] / "BENCHMARKS.md"
+# Relative: the working directory, which is the repository root (``python -m benchmarks``
+# runs from there); never derived from this file's location.
+DEFAULT_OUTPUT = Path("BENCHMARKS.md")
 
 
 # -- statistics -----------------------------------------------------------------------
@@ -278,7 +280,7 @@ def append_markdown(path: Path, section: str) -> None:
     path = Path(path)
     if not path.exists():
         path.write_text(
-            "# Benchmarks\n\nMade by `python -m dist_ast.bench <name>`; each section is one run, "
+            "# Benchmarks\n\nMade by `python -m benchmarks <name>`; each section is one run, "
             "newest last, with its command and machine.\n\n"
         )
     with path.open("a") as f:
@@ -286,35 +288,47 @@ def append_markdown(path: Path, section: str) -> None:
 
 
 # -- the command line ---------------------------------------------------------------------
-def _module_namespace(module: Any, name: str, rest: list[str]) -> argparse.Namespace | list[str]:
-    """The benchmark's own options: its ``add_arguments``, ``parser()`` or ``parse_args``."""
-    if hasattr(module, "add_arguments"):
-        p = argparse.ArgumentParser(
-            prog=f"python -m dist_ast.bench {name}", description=module.__doc__
-        )
-        module.add_arguments(p)
-        return p.parse_args(rest)
-    if hasattr(module, "parser"):
-        return module.parser().parse_args(rest)
-    if hasattr(module, "parse_args"):
-        return module.parse_args(rest)
-    return rest
+def parse_args(
+    module: Any, argv: Sequence[str] = (), name: str | None = None
+) -> argparse.Namespace:
+    """A benchmark's options: the parser its ``add_arguments`` fills, given ``argv``.
+
+    The one contract every benchmark module keeps: ``add_arguments(parser)`` declares its
+    options, ``run(args) -> list[dict]`` returns the table's rows (optional: ``TITLE``,
+    ``NOTES``, ``last_notes()``, ``exit_code(rows)``). Tests and other code call a bench as
+    ``module.run(harness.parse_args(module, [...]))``.
+    """
+    name = name or module.__name__.rsplit(".", 1)[-1]
+    p = argparse.ArgumentParser(
+        prog=f"python -m benchmarks {name}",
+        description=module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    module.add_arguments(p)
+    return p.parse_args(list(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m dist_ast.bench <name> [--no-record] [--output FILE] [benchmark options]``."""
+    """``python -m benchmarks <name> [--no-record] [--output FILE] [benchmark options]``,
+    from the repository root (``python -m benchmarks.<name> …`` is the same command)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(
-        prog="python -m dist_ast.bench",
+        prog="python -m benchmarks",
         add_help=False,
         # no prefixes: a benchmark's own --out must not be taken for the harness's --output
         allow_abbrev=False,
-        description="Run one benchmark, print its table and append it to BENCHMARKS.md. "
-        "Options after the name that the harness does not know go to the benchmark "
-        "(`python -m dist_ast.bench <name> --help`).",
+        description="Run one benchmark, print its table and append it to BENCHMARKS.md "
+        "(in the working directory: run from the repository root). Options after the name "
+        "that the harness does not know go to the benchmark "
+        "(`python -m benchmarks <name> --help`).",
     )
     p.add_argument("name", choices=BENCHMARKS)
-    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="markdown file to append to")
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=DEFAULT_OUTPUT,
+        help="markdown file to append to (default: BENCHMARKS.md in the working directory)",
+    )
     p.add_argument("--no-record", action="store_true", help="print only; do not append")
     p.add_argument("--notes", default="", help="a sentence to record with the table")
     if not argv or argv[0] in ("-h", "--help"):
@@ -323,16 +337,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts, rest = p.parse_known_args(argv)  # "-h" after the name goes to the benchmark
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        module = importlib.import_module(f"dist_ast.bench.{opts.name}")
+        module = importlib.import_module(f"benchmarks.{opts.name}")
     except ModuleNotFoundError as e:
-        if e.name == f"dist_ast.bench.{opts.name}":
-            log.error(
-                "benchmark %r is not written yet (dist_ast/bench/%s.py)", opts.name, opts.name
-            )
+        if e.name == f"benchmarks.{opts.name}":
+            log.error("benchmark %r is not written yet (benchmarks/%s.py)", opts.name, opts.name)
             return 2
         raise
-    args = _module_namespace(module, opts.name, rest)
-    rows = module.run(args)
+    rows = module.run(parse_args(module, rest, opts.name))
     machine = machine_description()  # after the run: it may set the thread count
     title = getattr(module, "TITLE", opts.name)
     notes = " ".join(n for n in (getattr(module, "NOTES", ""), opts.notes) if n)
@@ -343,10 +354,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.print(rich_table(title, rows))
     console.print(describe_machine(machine))
     if not opts.no_record:
-        command = "python -m dist_ast.bench " + shlex.join(argv)
+        command = "python -m benchmarks " + shlex.join(argv)
         append_markdown(
             opts.output,
             markdown_section(title, rows, command=command, machine=machine, notes=notes),
         )
         log.info("appended to %s", opts.output)
-    return 0
+    exit_code = getattr(module, "exit_code", None)
+    return exit_code(rows) if callable(exit_code) else 0

@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,10 +21,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dist_ast.bench.harness import paired_ratios, summarize, time_interleaved
+from benchmarks.harness import paired_ratios, summarize, time_interleaved
 from dist_ast.distributed.setup import free_port, leave_together
 
-log = logging.getLogger("dist_ast.bench.prune")
+log = logging.getLogger("benchmarks.prune")
 
 TITLE = "prune"
 NOTES = (
@@ -114,7 +115,7 @@ def time_broadcast(model_name: str, n: int, reps: int) -> tuple[int, float, floa
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from dist_ast.bench.step import _random_masks, dense_step_fn
+    from benchmarks.step import _random_masks, dense_step_fn
     from dist_ast.config import ModelConfig
     from dist_ast.models import build_subnet_model
     from dist_ast.sparsity.schedule import SparsitySchedule
@@ -229,3 +230,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+if __name__ == "__main__":
+    from benchmarks.harness import main
+
+    sys.exit(main(["prune", *sys.argv[1:]]))

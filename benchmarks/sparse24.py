@@ -1,8 +1,8 @@
 """Inference speed of 2:4 semi-structured Linear layers vs dense, on a CUDA GPU.
 
-    python -m dist_ast.bench sparse24 [--ckpt runs/r18_nm/model.pt --subnet 0]
-                                      [--batch 256 1024 4096] [--dtype fp16|bf16]
-    python -m dist_ast.bench.sparse24 …   # the same table, not recorded in BENCHMARKS.md
+    python -m benchmarks sparse24 [--ckpt runs/r18_nm/model.pt --subnet 0]
+                                  [--batch 256 1024 4096] [--dtype fp16|bf16]
+    python -m benchmarks sparse24 --no-record …   # the same table, not recorded
 
 Each Linear weight is put in the 2:4 pattern along its input dimension (the groups
 dist_ast's N:M sub-nets use; a 1:4 or 1:8 sub-net is a valid 2:4 tensor too) and
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,7 @@ DEFAULT_SHAPES = [(1024, 2048), (4096, 4096), (11008, 4096), (4096, 11008)]
 # are 16 x 16): rows a multiple of 32, columns of 64.
 ROW_MULTIPLE, COL_MULTIPLE = 32, 64
 TITLE = "sparse24"
+NOTES = "Convolutions are not accelerated by to_sparse_semi_structured (see the docstring)."
 
 
 def valid_24_shape(rows: int, cols: int) -> bool:
@@ -157,7 +159,6 @@ def measure(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The bench's options (also read by ``python -m dist_ast.bench sparse24``)."""
     p.add_argument("--ckpt", default=None)
     p.add_argument("--subnet", type=int, default=0)
     p.add_argument("--batch", type=int, nargs="+", default=[256, 1024, 4096])
@@ -174,34 +175,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     return [{"device": result["device"], "dtype": result["dtype"], **r} for r in result["rows"]]
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from rich.console import Console
-    from rich.table import Table
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    a = p.parse_args(argv)
-    result = measure(batches=tuple(a.batch), dtype=a.dtype, ckpt=a.ckpt, subnet=a.subnet)
-    console = Console()
-    if "skipped" in result:
-        console.print(f"[yellow]sparse24 bench skipped:[/] {result['skipped']}")
-        return result
-    table = Table(title=f"2:4 semi-structured F.linear vs dense · {result['device']} · {a.dtype}")
-    for col in ("layer", "batch", "dense ms", "2:4 ms", "speed-up", "max rel. error"):
-        table.add_column(col, justify="right")
-    for r in result["rows"]:
-        table.add_row(
-            r["layer"],
-            str(r["batch"]),
-            f"{r['dense_ms']:.3f}",
-            f"{r['sparse24_ms']:.3f}",
-            f"{r['speedup']:.2f}x",
-            f"{r['max_rel_error']:.1e}",
-        )
-    console.print(table)
-    console.print("Convolutions are not accelerated by to_sparse_semi_structured (see docstring).")
-    return result
-
-
 if __name__ == "__main__":
-    main()
+    from benchmarks.harness import main
+
+    sys.exit(main(["sparse24", *sys.argv[1:]]))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,9 +21,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dist_ast.bench.harness import paired_ratios, summarize, time_interleaved
+from benchmarks.harness import paired_ratios, summarize, time_interleaved
 
-log = logging.getLogger("dist_ast.bench.step")
+log = logging.getLogger("benchmarks.step")
 
 TITLE = "step"
 
@@ -267,3 +268,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     for name in args.presets:
         rows += bench_preset(name, args)
     return rows
+
+
+if __name__ == "__main__":
+    from benchmarks.harness import main
+
+    sys.exit(main(["step", *sys.argv[1:]]))

@@ -3,7 +3,7 @@ full training state (weights, every BN set, 3 bool masks per sparse layer, momen
 GC buffer, RNG and loader state), on 1 and 2 ranks (gloo), synchronous vs asynchronous
 DCP saves.
 
-    python -m dist_ast.bench checkpoint            # or python -m dist_ast.bench.checkpoint
+    python -m benchmarks checkpoint            # or python -m benchmarks.checkpoint
 
 "blocking" is the time ``Checkpointer.save`` holds the training loop: for a sync save
 the whole write; for an async save the copy of the state to CPU memory (the write runs
@@ -19,9 +19,9 @@ import argparse
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -49,12 +49,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subnets", type=int, default=3)
     p.add_argument("--dir", default=None, help="where to write (default: a temp folder)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dist_ast.bench.checkpoint", description=__doc__)
-    add_arguments(p)
-    return p.parse_args(argv)
 
 
 class _Loader:
@@ -222,10 +216,8 @@ def _worker(
             torch.save(row, out)
 
 
-def run(args: argparse.Namespace | Sequence[str] | None = None) -> list[dict]:
+def run(args: argparse.Namespace) -> list[dict]:
     """One row per world size."""
-    if not isinstance(args, argparse.Namespace):
-        args = parse_args(args)
     rows = []
     if args.dir:  # --dir names where to write: make it, as the other benches do
         Path(args.dir).mkdir(parents=True, exist_ok=True)
@@ -250,16 +242,7 @@ def run(args: argparse.Namespace | Sequence[str] | None = None) -> list[dict]:
     return rows
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    import logging
-
-    from dist_ast.bench.harness import rich_table
-
-    logging.basicConfig(level=logging.WARNING)
-    from rich.console import Console
-
-    Console().print(rich_table(TITLE, run(parse_args(argv))))
-
-
 if __name__ == "__main__":
-    main()
+    from benchmarks.harness import main
+
+    sys.exit(main(["checkpoint", *sys.argv[1:]]))

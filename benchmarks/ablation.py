@@ -16,11 +16,12 @@ import json
 import logging
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("dist_ast.bench.ablation")
+log = logging.getLogger("benchmarks.ablation")
 
 TITLE = "ablation"
 
@@ -283,3 +284,9 @@ def last_notes() -> str:
         f"best is {worst['largest drop from an earlier best (points)']:.1f} points "
         f"({worst['method']}, sub-net {worst['sub-net']})."
     )
+
+
+if __name__ == "__main__":
+    from benchmarks.harness import main
+
+    sys.exit(main(["ablation", *sys.argv[1:]]))

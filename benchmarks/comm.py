@@ -1,6 +1,6 @@
 """Communication benchmark: masked compact all-reduce vs DDP's plain all-reduce.
 
-    python -m dist_ast.bench.comm [--densities 1.0 0.5 0.2 0.1 0.05] [--repeats 5]
+    python -m benchmarks.comm [--densities 1.0 0.5 0.2 0.1 0.05] [--repeats 5]
 
 Two gloo processes all-reduce ResNet-50's gradients (25.6M fp32 values) in DDP-sized
 buckets (25 MB, parameters in reverse order, as DDP assigns them before its rebuild),
@@ -21,9 +21,9 @@ import argparse
 import logging
 import os
 import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -44,8 +44,7 @@ NOTES = (
 )
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dist_ast.bench.comm", description=__doc__)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
     p.add_argument("--repeats", type=int, default=7, help="timed repetitions per density")
     p.add_argument("--model", default="resnet50", choices=["resnet18", "resnet50"])
@@ -57,7 +56,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="engine.compact_max_density: above it the hook all-reduces densely",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    return p.parse_args(argv)
 
 
 def _buckets(params: list[torch.Tensor], cap_bytes: float) -> list[list[int]]:
@@ -229,10 +227,8 @@ def _check_compact(state, model, buffers, expect, bucket_params, density: float)
             raise RuntimeError(f"density {density}: bucket {i} differs from dense then masked")
 
 
-def run(args: argparse.Namespace | Sequence[str] | None = None) -> list[dict]:
+def run(args: argparse.Namespace) -> list[dict]:
     """Run the benchmark on 2 local gloo processes; one row per density."""
-    if not isinstance(args, argparse.Namespace):
-        args = parse_args(args)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.pt")
         mp.start_processes(
@@ -241,46 +237,7 @@ def run(args: argparse.Namespace | Sequence[str] | None = None) -> list[dict]:
         return torch.load(out)
 
 
-def print_table(rows: list[dict]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="masked compact all-reduce vs default (gloo, 2 processes)")
-    for col in (
-        "density",
-        "MB default",
-        "MB masked",
-        "bytes ratio",
-        "ms default",
-        "ms masked",
-        "time ratio",
-        "(medians)",
-        "pack ms",
-        "packed all-reduce ms",
-        "unpack ms",
-    ):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(
-            f"{r['density']:.2f}",
-            f"{r['bytes_default'] / 1e6:.1f}",
-            f"{r['bytes_masked'] / 1e6:.1f}",
-            f"{r['bytes_ratio']:.4f}",
-            f"{r['time_default_ms']:.1f}",
-            f"{r['time_masked_ms']:.1f}",
-            f"{r['time_ratio']:.3f}",
-            f"{r['time_ratio_median']:.3f}",
-            f"{r['pack_ms']:.1f}",
-            f"{r['allreduce_ms']:.1f}",
-            f"{r['unpack_ms']:.1f}",
-        )
-    Console().print(table)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO)
-    print_table(run(parse_args(argv)))
-
-
 if __name__ == "__main__":
-    main()
+    from benchmarks.harness import main
+
+    sys.exit(main(["comm", *sys.argv[1:]]))

@@ -1,8 +1,10 @@
 """GPU acceptance check: what only a CUDA GPU can show, in one table, in < 8 minutes.
 
-    python -m dist_ast.bench gpu            # prints the table, appends it to BENCHMARKS.md
-    python -m dist_ast.bench.gpu [--no-record]   # same, exit code 1 when a check failed
-    bash scripts/gpu-check.sh               # the latter, after checking that CUDA is there
+    python -m benchmarks gpu [--no-record]   # prints the table, appends it to BENCHMARKS.md;
+    python -m benchmarks.gpu [--no-record]   # the same; exit 1 when a check failed, 2 no GPU
+    bash scripts/gpu-check.sh                # the latter, after checking that CUDA is there
+
+Run from the repository root (BENCHMARKS.md there is the default ``--output``).
 
 Every check runs in its own process (a crash or a hang fails that row only; each has a
 timeout and all share one budget) and reports the process's peak GPU memory:
@@ -37,7 +39,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("dist_ast.bench.gpu")
+log = logging.getLogger("benchmarks.gpu")
 
 TITLE = "gpu check"
 NOTES = (
@@ -50,7 +52,9 @@ BUDGET_S = 450.0  # all checks together: < 8 minutes with start-up
 TIMEOUT_S = {"demo": 120, "dali": 120, "deepspeed": 150, "step": 150, "sparse24": 90, "sync": 90}
 MIN_TOP1 = 0.90
 SYNC_STEPS = 20
-REPO = Path(__file__).resolve().parents[2]
+# Where the ``benchmarks`` package is importable from, for the child processes (their
+# working directory is the parent's).
+_IMPORT_ROOT = str(Path(__file__).resolve().parent.parent)
 
 DEMO = ["experiment=demo", "train.device=cuda", "train.progress=false"]
 TRAIN_OVERRIDES: dict[str, list[str]] = {
@@ -230,16 +234,15 @@ def _child_train(name: str, workdir: Path, out: dict[str, Any]) -> int:
 
 
 def _child_step(workdir: Path, out: dict[str, Any]) -> int:
-    from dist_ast.bench import step
+    from benchmarks import harness, step
 
     os.chdir(workdir)  # the bench's trainers write under runs/bench/
-    p = argparse.ArgumentParser()
-    step.add_arguments(p)
     batch = 128
-    args = p.parse_args(
+    args = harness.parse_args(
+        step,
         ["--presets", "r50_224", "--variants", "dense", "ast_gc", "--batch-size", str(batch)]
         + ["--precision", "bf16", "--channels-last", "true", "--device", "cuda"]
-        + ["--repeats", "5", "--warmup", "3"]
+        + ["--repeats", "5", "--warmup", "3"],
     )
     out["rows"] = step.run(args)
     out["batch"] = batch
@@ -247,7 +250,7 @@ def _child_step(workdir: Path, out: dict[str, Any]) -> int:
 
 
 def _child_sparse24(out: dict[str, Any]) -> int:
-    from dist_ast.bench import sparse24
+    from benchmarks import sparse24
 
     out.update(sparse24.measure(batches=(256, 1024, 4096), dtype="bf16"))
     return 0
@@ -258,7 +261,7 @@ def _child_sync(workdir: Path, out: dict[str, Any]) -> int:
 
     import torch
 
-    from dist_ast.bench.step import build_trainer_variant, trainer_step_fn
+    from benchmarks.step import build_trainer_variant, trainer_step_fn
 
     trainer = build_trainer_variant(
         "ast_gc",
@@ -329,15 +332,17 @@ def run_check(name: str, workdir: Path, timeout: float) -> dict[str, Any]:
     """Run one check in a child process; its table row."""
     out_path = workdir / f"{name}.json"
     logfile = workdir / f"{name}.log"
-    cmd = [sys.executable, "-m", "dist_ast.bench.gpu", "--child", name, str(out_path)]
+    cmd = [sys.executable, "-m", "benchmarks.gpu", "--child", name, str(out_path)]
     cmd += ["--workdir", str(workdir)]
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (_IMPORT_ROOT, path) if p)}
     log.info("gpu check %s (timeout %.0f s, log %s)", name, timeout, logfile)
     t0 = time.perf_counter()
     error = None
     with open(logfile, "w") as f:
         try:
             rc = subprocess.run(
-                cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout
+                cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout
             ).returncode
         except subprocess.TimeoutExpired:
             rc, error = None, f"timed out after {timeout:.0f} s (log {logfile})"
@@ -349,7 +354,6 @@ def run_check(name: str, workdir: Path, timeout: float) -> dict[str, Any]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The check's options (also read by ``python -m dist_ast.bench gpu``)."""
     p.add_argument("--only", nargs="+", choices=CHECKS, default=list(CHECKS))
     p.add_argument("--budget-s", type=float, default=BUDGET_S, help="all checks together")
     p.add_argument("--workdir", default=None, help="run folders and logs (default: a temp dir)")
@@ -359,7 +363,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every selected check, in order, within the budget; the table's rows."""
     reason = unavailable_reason()
     if reason is not None:
-        raise SystemExit(f"gpu check: {reason}")
+        log.error("gpu check: %s", reason)
+        raise SystemExit(2)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dist_ast-gpu-check-"))
     workdir.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.budget_s
@@ -374,38 +379,22 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def exit_code(rows: list[dict[str, Any]]) -> int:
+    """1 when a check failed (the harness's exit code for this bench)."""
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the checks, print (and record) the table; 1 when a check failed, 2 without GPU."""
+    """``python -m benchmarks gpu`` (exit 1 when a check failed, 2 without a GPU), or
+    one check in this process when called as a child (``--child NAME OUT --workdir DIR``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--child"]:
         name, out_path = argv[1], Path(argv[2])
         workdir = Path(argv[argv.index("--workdir") + 1])
         return child_main(name, out_path, workdir)
-    from rich.console import Console
+    from benchmarks import harness
 
-    from dist_ast.bench import harness
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    p = argparse.ArgumentParser(prog="python -m dist_ast.bench.gpu", description=__doc__)
-    add_arguments(p)
-    p.add_argument("--no-record", action="store_true", help="print only; do not append")
-    args = p.parse_args(argv)
-    reason = unavailable_reason()
-    if reason is not None:
-        log.error("gpu check: %s", reason)
-        return 2
-    rows = run(args)
-    machine = harness.machine_description()
-    console = Console(width=160)
-    console.print(harness.rich_table(TITLE, rows))
-    console.print(harness.describe_machine(machine))
-    if not args.no_record:
-        command = "python -m dist_ast.bench.gpu " + " ".join(argv)
-        harness.append_markdown(
-            harness.DEFAULT_OUTPUT,
-            harness.markdown_section(TITLE, rows, command=command, machine=machine, notes=NOTES),
-        )
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
+    return harness.main(["gpu", *argv])
 
 
 if __name__ == "__main__":

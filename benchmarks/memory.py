@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from typing import Any
 
 import torch
 
-log = logging.getLogger("dist_ast.bench.memory")
+log = logging.getLogger("benchmarks.memory")
 
 TITLE = "memory"
 NOTES = (
@@ -60,7 +61,7 @@ def _cuda_peak(fn) -> int | None:
 
 
 def measure_ast(n: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    from dist_ast.bench.step import build_trainer_variant, trainer_step_fn
+    from benchmarks.step import build_trainer_variant, trainer_step_fn
     from dist_ast.sparsity.layers import SwitchableBatchNorm2d
 
     sparsities = [round(0.5 + 0.45 * i / max(1, n - 1), 3) for i in range(n)] if n > 1 else [0.9]
@@ -176,3 +177,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             o["cuda peak MiB"] = round(r["cuda peak"] / mib, 1)
         out.append(o)
     return out
+
+
+if __name__ == "__main__":
+    from benchmarks.harness import main
+
+    sys.exit(main(["memory", *sys.argv[1:]]))
