@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dist_ast.distributed.setup import free_port, leave_together
+from dist_ast.sparsity.masks import random_masks
 
 TITLE = "checkpoint: DCP save/load of ResNet-50 with 3 sub-nets, sync vs async"
 NOTES = (
@@ -101,7 +102,7 @@ def _trainer(args: argparse.Namespace, run_dir: Path, rank: int, world: int, asy
     model = build_subnet_model(config.model, args.subnets)
     for k in range(args.subnets):  # sparse masks, as after the ramp
         g = torch.Generator().manual_seed(k)
-        model.set_masks(k, [torch.rand(w.shape, generator=g) > 0.9 for w in model.sparse_weights()])
+        model.set_masks(k, random_masks(model.sparse_weights(), 0.1, g))
     opt = MaskedSGD(model.param_groups(1e-4), lr=0.1, momentum=0.9)
     for p in model.parameters():
         opt.state[p]["momentum_buffer"] = torch.randn_like(p)

@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dist_ast.distributed.setup import free_port, leave_together
+from dist_ast.sparsity.masks import random_masks
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +71,6 @@ def _buckets(params: list[torch.Tensor], cap_bytes: float) -> list[list[int]]:
         out[-1].append(i)
         size += nbytes
     return out
-
-
-def _set_random_masks(model, density: float, seed: int) -> None:
-    from dist_ast.sparsity.masks import density_count, random_mask
-
-    g = torch.Generator().manual_seed(seed)
-    masks = [
-        random_mask(w.shape, density_count(density, w.numel()), g) for w in model.sparse_weights()
-    ]
-    model.set_masks(0, masks)
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out_path: str) -> None:
@@ -136,7 +127,8 @@ def _bench(rank: int, args: argparse.Namespace) -> list[dict]:
 
     rows = []
     for density in args.densities:
-        _set_random_masks(model, density, seed=1)
+        g = torch.Generator().manual_seed(1)
+        model.set_masks(0, random_masks(model.sparse_weights(), density, g, per_layer=True))
         state.masks_changed()
         # Warm-up: builds the index caches (done once per mask update in training).
         state.begin_step()

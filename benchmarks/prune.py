@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from benchmarks.harness import paired_ratios, summarize, time_interleaved
 from dist_ast.distributed.setup import free_port, leave_together
+from dist_ast.sparsity.masks import random_masks
 
 log = logging.getLogger("benchmarks.prune")
 
@@ -63,7 +64,7 @@ def _broadcast_worker(rank: int, port: int, model_name: str, n: int, reps: int, 
         g = torch.Generator().manual_seed(0)
         times, checks = [], []
         for _ in range(reps + 1):
-            new = [torch.rand(m.shape, generator=g) < 0.1 for m in like] if rank == 0 else None
+            new = random_masks(like, 0.1, g, per_layer=True) if rank == 0 else None
             dist.barrier()
             t0 = time.perf_counter()
             got = broadcast_masks(new, like)
@@ -115,7 +116,7 @@ def time_broadcast(model_name: str, n: int, reps: int) -> tuple[int, float, floa
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from benchmarks.step import _random_masks, dense_step_fn
+    from benchmarks.step import dense_step_fn
     from dist_ast.config import ModelConfig
     from dist_ast.models import build_subnet_model
     from dist_ast.sparsity.schedule import SparsitySchedule
@@ -144,7 +145,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     step = schedule.update_step(k, 5 * 4000 + k * 400)  # mid-ramp
     # Masks as they stand one update earlier, so the decision prunes and regrows.
     before = [schedule.target_sparsity(j, step - 4000) for j in range(n)]
-    _random_masks(model, before, seed=0)
+    g = torch.Generator().manual_seed(0)
+    for j, s in enumerate(before):
+        model.set_masks(j, random_masks(model.sparse_weights(), 1.0 - s, g))
     updater = MaskUpdater(model, schedule)
     model.set_subnet(k)
     model.train()

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness import paired_ratios, summarize, time_interleaved
+from dist_ast.sparsity.masks import random_masks
 
 log = logging.getLogger("benchmarks.step")
 
@@ -59,19 +60,6 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def _random_masks(model: Any, sparsities: list[float], seed: int) -> None:
-    """Sub-net k gets an exact random mask at sparsity s_k (the state after the ramp)."""
-    from dist_ast.sparsity.masks import density_count, random_mask, split_flat
-
-    weights = model.sparse_weights()
-    total = sum(w.numel() for w in weights)
-    g = torch.Generator().manual_seed(seed)
-    for k, s in enumerate(sparsities):
-        flat = random_mask((total,), density_count(1.0 - s, total), g)
-        parts = split_flat(flat, weights)
-        model.set_masks(k, [m.to(w.device) for m, w in zip(parts, weights, strict=True)])
 
 
 def build_trainer_variant(
@@ -118,7 +106,9 @@ def build_trainer_variant(
         ]
     )
     trainer = build_trainer(cfg, init_distributed(device.type))
-    _random_masks(trainer.model, sparsities, seed=0)
+    g = torch.Generator().manual_seed(0)
+    for k, s in enumerate(sparsities):  # exact random masks at s_k: the state after the ramp
+        trainer.model.set_masks(k, random_masks(trainer.model.sparse_weights(), 1.0 - s, g))
     trainer.model.train()
     return trainer
 

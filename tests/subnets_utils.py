@@ -13,6 +13,7 @@ from dist_ast.config import RunConfig
 from dist_ast.models import build_subnet_model
 from dist_ast.sparsity import nm
 from dist_ast.sparsity.layers import SwitchableBatchNorm2d
+from dist_ast.sparsity.masks import random_masks
 
 # 24 steps of 3 tiny-CNN sub-nets on digits: mask updates at 0/3/6, 9/12/15, 18/21 (the
 # ramp ends at step 9), an evaluation every 8 steps, a DCP checkpoint every 12 steps.
@@ -42,7 +43,8 @@ def random_subnets(config: RunConfig, seed: int = 0, nm_patterns=None):
                 for w, m in zip(model.sparse_weights(), model.masks(k), strict=True)
             ]
         else:
-            masks = [torch.rand_like(w) >= s for w in model.sparse_weights()]
+            g = torch.Generator().manual_seed(seed * 1009 + k)
+            masks = random_masks(model.sparse_weights(), 1.0 - s, g, per_layer=True)
         model.set_masks(k, masks)
     with torch.no_grad():
         for bn in model.modules():

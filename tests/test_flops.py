@@ -10,6 +10,7 @@ from torch import nn
 
 from dist_ast.flops import TrainingFlops, layer_forward_flops
 from dist_ast.sparsity import convert_to_subnets
+from dist_ast.sparsity.masks import density_count, random_mask
 
 
 class Small(nn.Module):
@@ -52,9 +53,7 @@ def test_training_flops_scale_by_density_per_subnet_and_step():
         masks = []
         for name, w in zip(model.sparse_names, model.sparse_weights(), strict=True):
             d = per_layer.get(name, 0.05)
-            flat = torch.zeros(w.numel(), dtype=torch.bool)
-            flat[torch.randperm(w.numel(), generator=g)[: round(d * w.numel())]] = True
-            masks.append(flat.view_as(w))
+            masks.append(random_mask(w.shape, density_count(d, w.numel()), g))
         model.set_masks(k, masks)
     fc_density = {0: 0.1, 1: 0.05}
     batch = 32

@@ -11,12 +11,8 @@ from dist_ast.config import ModelConfig
 from dist_ast.models import build_model, build_subnet_model
 from dist_ast.sparsity import SubnetConv2d, SubnetLinear, SwitchableBatchNorm2d, convert_to_subnets
 from dist_ast.sparsity.layers import masked_weight
+from dist_ast.sparsity.masks import random_masks
 from dist_ast.sparsity.updater import initial_masks
-
-
-def _random_masks(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.rand(w.shape, generator=g) < 0.5 for w in model.sparse_weights()]
 
 
 def test_masked_forward_equals_dense_model_with_masked_weights():
@@ -27,7 +23,9 @@ def test_masked_forward_equals_dense_model_with_masked_weights():
     original = {k: v.clone() for k, v in net.state_dict().items()}
     model = convert_to_subnets(net, 3, dense=["conv1"])
     for k in range(3):
-        model.set_masks(k, _random_masks(model, k))
+        model.set_masks(
+            k, random_masks(model.sparse_weights(), 0.5, torch.Generator().manual_seed(k))
+        )
     model.eval()
     x = torch.randn(4, 3, 32, 32)
     for k in range(3):

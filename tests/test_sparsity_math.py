@@ -23,7 +23,13 @@ from dist_ast.sparsity import (
 )
 from dist_ast.sparsity import gradient_correction as gc_module
 from dist_ast.sparsity import masks as masks_module
-from dist_ast.sparsity.masks import density_count, kth_largest, random_mask, topk_mask
+from dist_ast.sparsity.masks import (
+    density_count,
+    kth_largest,
+    random_mask,
+    random_masks,
+    topk_mask,
+)
 from dist_ast.sparsity.optim import masked_sgd_
 
 # -- exact top-k -----------------------------------------------------------------------
@@ -110,6 +116,17 @@ def test_random_mask_has_exact_count():
     g = torch.Generator().manual_seed(0)
     m = random_mask((7, 11, 3), 100, g)
     assert m.shape == (7, 11, 3) and int(m.sum()) == 100
+
+
+def test_random_masks_exact_count_overall_or_per_layer():
+    like = [torch.empty(7, 11, 3), torch.empty(50), torch.empty(4, 4)]
+    whole = random_masks(like, 0.3, torch.Generator().manual_seed(0))
+    assert [m.shape for m in whole] == [t.shape for t in like]
+    assert sum(int(m.sum()) for m in whole) == density_count(0.3, 7 * 11 * 3 + 50 + 16)
+    each = random_masks(like, 0.3, torch.Generator().manual_seed(0), per_layer=True)
+    assert [int(m.sum()) for m in each] == [density_count(0.3, t.numel()) for t in like]
+    again = random_masks(like, 0.3, torch.Generator().manual_seed(0), per_layer=True)
+    assert all(torch.equal(a, b) for a, b in zip(each, again, strict=True))
 
 
 # -- schedules -------------------------------------------------------------------------

@@ -7,6 +7,7 @@ every rank and every rerun makes the same choice.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -87,6 +88,28 @@ def random_mask(
     mask = torch.zeros(n, dtype=torch.bool)
     mask[torch.randperm(n, generator=generator)[:count]] = True
     return mask.view(shape)
+
+
+def random_masks(
+    like: Sequence[torch.Tensor],
+    density: float,
+    generator: torch.Generator,
+    *,
+    per_layer: bool = False,
+) -> list[torch.Tensor]:
+    """Uniformly random bool masks shaped like ``like``, each on its tensor's device:
+    exactly ``density_count(density, total)`` live entries over all of them together (one
+    draw over their concatenation, so layers' densities differ, as a sparse model's do),
+    or with ``per_layer`` exactly ``density_count(density, numel)`` in each. The one
+    random-mask helper of the code base: initial masks, benchmarks and tests use it."""
+    like = list(like)
+    if per_layer:
+        masks = [random_mask(t.shape, density_count(density, t.numel()), generator) for t in like]
+    else:
+        total = sum(t.numel() for t in like)
+        flat = random_mask((total,), density_count(density, total), generator)
+        masks = split_flat(flat, like)
+    return [m.to(t.device) for m, t in zip(masks, like, strict=True)]
 
 
 def split_flat(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -10,7 +10,7 @@ import torch
 
 from dist_ast.config import check_nm_patterns
 from dist_ast.sparsity import nm
-from dist_ast.sparsity.masks import density_count, random_mask, split_flat
+from dist_ast.sparsity.masks import random_masks
 from dist_ast.sparsity.model import SubnetModel
 from dist_ast.sparsity.optim import MaskedSGD
 from dist_ast.sparsity.prune_regrow import global_magnitude_prune, prune_and_regrow
@@ -20,11 +20,8 @@ from dist_ast.sparsity.schedule import SparsitySchedule, cubic_sparsity
 def initial_masks(model: SubnetModel, initial_sparsity: float, seed: int) -> list[torch.Tensor]:
     """One random mask with exactly round((1 - s_i)·total) live weights over all sparse
     layers, shared by every sub-net: AST starts from one random sparse model."""
-    weights = model.sparse_weights()
-    total = sum(w.numel() for w in weights)
-    count = density_count(1.0 - initial_sparsity, total)
-    flat = random_mask((total,), count, torch.Generator().manual_seed(seed))
-    return [m.to(w.device) for m, w in zip(split_flat(flat, weights), weights, strict=True)]
+    generator = torch.Generator().manual_seed(seed)
+    return random_masks(model.sparse_weights(), 1.0 - initial_sparsity, generator)
 
 
 class MaskUpdater:
