@@ -578,6 +578,8 @@ def trainer_state(trainer: Trainer) -> dict[str, Any]:
             "loader": _flat_ints(trainer.loaders.train.state_dict()),
         },
     }
+    if getattr(trainer, "guard", None) is not None:  # train.nonfinite's skip counters
+        state["nonfinite"] = _flat_ints(trainer.guard.state_dict())
     if trainer.scaler is not None:
         sc = trainer.scaler.state_dict()
         state["scaler"] = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in sc.items()}
@@ -1014,6 +1016,8 @@ def _targets(trainer: Trainer, saved: dict, saved_world: int) -> dict[str, Any]:
         },
         "flops": {k: torch.zeros(2, dtype=torch.int64) for k in t.flops.state_dict()},
     }
+    if any(k.startswith("nonfinite.") for k in keys):  # absent before train.nonfinite
+        state["nonfinite"] = {k: torch.zeros(2, dtype=torch.int64) for k in t.guard.state_dict()}
     same_rank = f"rank{r}.rng.torch" in keys
     if same_rank:
         rng = {k.split(".", 2)[2]: None for k in keys if k.startswith(f"rank{r}.rng.")}
@@ -1069,6 +1073,8 @@ def load_checkpoint(trainer: Trainer, path: Path) -> dict:
     t.gc.conflicts = _int_value(g["conflicts"])
     t.gc.prev = [g["prev"][str(i)] for i in range(len(g["prev"]))] or None
     t.flops.load_state_dict({k: _int_value(v) for k, v in state["flops"].items()})
+    if "nonfinite" in state:
+        t.guard.load_state_dict({k: _int_value(v) for k, v in state["nonfinite"].items()})
     t.flops.refresh(t.model)
     t.mask_updates = [
         {"step": int(a), "subnet": int(b), "reset": int(c)}

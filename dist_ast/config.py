@@ -288,6 +288,11 @@ class TrainConfig:
     # A rank that waits this long in a collective for a dead or stuck peer stops with
     # "peer rank lost" (exit 6) instead of hanging (torchrun --max-restarts then resumes).
     collective_timeout_minutes: float = 10.0
+    # A non-finite loss or gradient: stop (exit 5, naming the step and the newest good
+    # checkpoint) or skip the step (optimizer, GC, masks untouched; one host read a step)
+    # and stop after max_skipped consecutive skips.
+    nonfinite: str = "stop"
+    max_skipped: int = 10
     progress: bool = True  # rich progress bar on rank 0
     tensorboard: bool = True  # scalars of metrics.jsonl also in run_dir/tb (rank 0)
 
@@ -307,6 +312,10 @@ class TrainConfig:
             f"choose one of {PRECISIONS}",
         )
         _require(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
+        _require(
+            self.nonfinite in ("stop", "skip"), "train.nonfinite", self.nonfinite, "stop | skip"
+        )
+        _require(self.max_skipped >= 0, "train.max_skipped", self.max_skipped, "must be >= 0")
         _require(
             self.collective_timeout_minutes > 0,
             "train.collective_timeout_minutes",
@@ -333,6 +342,12 @@ class RunConfig:
         """Checks across sections: what the DeepSpeed engine cannot run."""
         if self.engine.name != "deepspeed":
             return
+        _require(
+            self.train.nonfinite == "stop",
+            "train.nonfinite",
+            self.train.nonfinite,
+            "skip needs the step before DeepSpeed's optimizer runs; use stop with engine=deepspeed",
+        )
         _require(
             self.ast.mode != "joint",
             "engine.name",

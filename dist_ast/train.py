@@ -30,6 +30,7 @@ from dist_ast.evaluate import evaluate_subnets
 from dist_ast.flops import TrainingFlops
 from dist_ast.metrics import MetricsWriter, print_summary_table
 from dist_ast.models import build_subnet_model
+from dist_ast.nonfinite import NonFiniteGuard, nonfinite
 from dist_ast.sparsity import GradientCorrection, MaskedSGD, SparsitySchedule, SubnetModel
 from dist_ast.sparsity.updater import MaskUpdater
 from dist_ast.subnets_io import MODEL_FILE, save_model_state
@@ -98,6 +99,12 @@ class Trainer:
     scaler: torch.amp.GradScaler | None = None
     mask_updates: list[dict] = field(default_factory=list)
     sync: GradSync | None = None  # data-parallel plumbing, set by build_trainer
+    guard: NonFiniteGuard | None = None  # train.nonfinite, set by build_trainer
+
+    def __post_init__(self) -> None:
+        if self.guard is None:
+            t = self.config.train
+            self.guard = NonFiniteGuard(t.nonfinite, t.max_skipped, self.dist.device)
 
     @property
     def mode(self) -> str:
@@ -138,7 +145,13 @@ class Trainer:
         if self.sync.owns_step:
             # DeepSpeed owns backward, all-reduce and step: the same masking, GC and masked
             # update run on its flat fp32 partitions (dist_ast/distributed/deepspeed_engine.py).
-            return self.sync.train_step(self, x, y, lr, updating)
+            # The non-finite guard sees its loss only (train.nonfinite=stop).
+            out = self.sync.train_step(self, x, y, lr, updating)
+            loss_t = torch.as_tensor(out["loss"], device=self.dist.device)
+            self.guard.observe(step, schedule.active_subnet(step), loss_t, nonfinite(loss_t, []))
+            return out
+        skipping = self.config.train.nonfinite == "skip"
+        bn_state = [b.clone() for b in self.bn_buffers] if skipping else None
         self.sync.begin_step(updating)  # the all-reduce sends only m_k unless k regrows now
 
         # 1. Forward/backward: one sub-net (alternating) or all of them (joint).
@@ -176,6 +189,30 @@ class Trainer:
             # g_prev and the counters alone on that step. scaler.step reads them once.
             found = self.scaler._found_inf_per_device(self.optimizer)
             finite = sum(found.values()) == 0
+
+        # Non-finite loss or (all-reduced) gradient: remembered on the device (stop), or
+        # this step is dropped (skip). Under a GradScaler its own skip covers the gradients.
+        grads = [] if self.scaler else [p.grad for p in model.parameters() if p.grad is not None]
+        bad = self.agree_flag(nonfinite(loss, grads))
+        if skipping and self.guard.skip(step, subnets[0], loss, bad):
+            torch._foreach_copy_(self.bn_buffers, bn_state)  # the forward's statistics too
+            self.optimizer.zero_grad(set_to_none=True)
+            self.flops.add_step(subnets)  # the passes ran
+            log.warning(
+                "step %d (sub-net %d): non-finite loss or gradient, skipped", step, subnets[0]
+            )
+            return {
+                "loss": loss,
+                "lr": lr,
+                "subnet": subnets[0] if len(subnets) == 1 else None,
+                "mask_update": None,
+                "gc_conflict": False,
+                "comm_bytes": self.sync.step_bytes,
+                "skipped": True,
+            }
+        self.guard.observe(step, subnets[0], loss, bad)
+        if updating:  # prune-and-regrow never ranks NaN scores
+            self.check_finite()
 
         # 3. Gradient correction on the sparse weights' gradient (fp32, unscaled), in
         # place, branch-free on the device.
@@ -221,6 +258,37 @@ class Trainer:
             "gc_conflict": conflicted,
             "comm_bytes": self.sync.step_bytes,
         }
+
+    @property
+    def bn_buffers(self) -> list[torch.Tensor]:
+        """BatchNorm running statistics and counters (what a forward in train mode moves)."""
+        return [b for name, b in self.model.named_buffers() if not name.endswith("masks")]
+
+    def agree_flag(self, flag: torch.Tensor) -> torch.Tensor:
+        """A device bool that is the same on every rank (OR over ranks under skip, whose
+        per-step decision must agree; stop agrees when it reads, in check_finite)."""
+        if self.dist.distributed and self.config.train.nonfinite == "skip":
+            import torch.distributed as dist
+
+            flag = flag.to(torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            flag = flag.bool()
+        return flag
+
+    def check_finite(self) -> None:
+        """Stop (NonFiniteError, exit 5) if a step since the start was not finite: called
+        on log steps, before a checkpoint or a mask update, and at the end."""
+        from dist_ast.checkpoint import complete_checkpoints
+
+        if self.dist.distributed:
+            import torch.distributed as dist
+
+            seen = (self.guard.first[:1] >= 0).to(torch.int32)
+            dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+            if int(seen) and self.guard.first[0] < 0:  # only another rank saw it
+                self.guard.first.copy_(torch.tensor([self.step, -1.0, math.nan]))
+        found = complete_checkpoints(self.config.run_dir)
+        self.guard.check(str(found[-1][1]) if found else "none (the run saved none yet)")
 
     @property
     def checks_conflicts(self) -> bool:
@@ -273,6 +341,7 @@ class Trainer:
                     if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < stop:
                         self.log_eval(self.evaluate())
                     self.step_boundary(checkpointer, preemption)
+            self.check_finite()
             ckpt = self.config.checkpoint
             saves = ckpt.every_steps or ckpt.every_minutes
             if stop < total and saves and checkpointer.last_saved_step != self.step:
@@ -293,6 +362,8 @@ class Trainer:
         checkpointer.finish_pending(wait=False)
         # on a CPU tensor (the CPU backend beside NCCL): no round trip to the GPU per step
         stop, timed = agree([preemption.requested, checkpointer.minutes_due])
+        if stop or timed or checkpointer.steps_due(self.step):
+            self.check_finite()  # never save non-finite weights
         if stop:
             checkpointer.save(block=True)
             err = Preempted(self.step, preemption.signum)
@@ -316,6 +387,7 @@ class Trainer:
     def log_metrics(self, out: dict) -> None:
         """One metrics.jsonl record. The loss is read from the device here, and only here;
         it is written back into ``out`` as a float for the progress bar."""
+        self.check_finite()
         out["loss"] = float(out["loss"])
         record = {
             "step": self.step,
@@ -331,6 +403,8 @@ class Trainer:
             record["mask_update"] = out["mask_update"]
         if out.get("comm_bytes") is not None:
             record["comm_bytes"] = out["comm_bytes"]
+        if self.config.train.nonfinite == "skip":  # steps dropped for a non-finite loss/grad
+            record["skipped_steps"] = self.guard.skipped
         stats = getattr(self.loaders.train, "stats", None)
         if stats is not None:  # corrupt samples skipped by the shard loader (docs/data.md)
             record["bad_samples"] = stats()["bad_samples"]

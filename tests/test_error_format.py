@@ -10,29 +10,7 @@ import pytest
 
 from dist_ast.errors import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA
 from tests.ckpt_utils import PY, REPO, env, run_train
-
-TINY = ["experiment=demo", "model.width=8", "train.progress=false", "train.max_steps=16"]
-
-
-def dist_ast_train(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [PY, "-m", "dist_ast.train", *args],
-        cwd=REPO,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-
-
-def assert_one_line(proc: subprocess.CompletedProcess, code: int, kind: str, *words: str) -> None:
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("dist_ast: ")]
-    assert proc.returncode == code, proc.stderr[-3000:]
-    assert len(lines) == 1, proc.stderr[-3000:]
-    assert lines[0].startswith(f"dist_ast: {kind}: "), lines[0]
-    for w in words:
-        assert w in lines[0], lines[0]
-    assert "Traceback" not in proc.stderr + proc.stdout
+from tests.cli_utils import TINY, assert_one_line, dist_ast_train
 
 
 def test_config_error(tmp_path: Path) -> None:
