@@ -106,3 +106,30 @@ def test_nhwc_training_matches_row_major_through_mask_updates(tmp_path, float64)
     for (name, a), b in zip(plain.model.named_parameters(), nhwc.model.parameters(), strict=True):
         assert a.dtype == torch.float64
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_deepspeed_with_channels_last_trains(tmp_path, precision: str) -> None:
+    """engine=deepspeed keeps its flat row-major parameters (it broadcasts them as bytes,
+    which NHWC strides refuse) and takes NHWC inputs; through a mask update."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "dist_ast.train", "experiment=demo", "engine=deepspeed",
+            "engine.zero_stage=2", f"train.precision={precision}", "train.channels_last=true",
+            "model.width=8", "train.stop_after_steps=12", "train.progress=false",
+            f"run_dir={run_dir}",
+        ],
+        cwd=root, capture_output=True, text=True, timeout=480,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 12
+    assert all(s["top1"] is not None for s in summary["subnets"])
