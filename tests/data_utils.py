@@ -14,7 +14,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from dist_ast.data import shards as S
+from dist_ast.data import shardset, writer
 
 _ROOT = Path(__file__).resolve().parents[1]
 # DIST_AST_CIFAR_TGZ=/nonexistent tries the digits stand-in on a machine that has ../shared
@@ -42,7 +42,7 @@ def digits_shards(tmp_path_factory, shard_size: int = 400) -> Path:
     return _cached(
         tmp_path_factory,
         f"digits-{shard_size}",
-        lambda d: S.write_shards("digits", d, shard_size=shard_size, progress=False),
+        lambda d: writer.write_shards("digits", d, shard_size=shard_size, progress=False),
     )
 
 
@@ -102,7 +102,7 @@ def cifar_shards(tmp_path_factory) -> Path:
     return _cached(
         tmp_path_factory,
         "cifar-shards",
-        lambda d: S.write_shards(tree, d, shard_size=128, progress=False),
+        lambda d: writer.write_shards(tree, d, shard_size=128, progress=False),
     )
 
 
@@ -135,7 +135,7 @@ def photo_shards(tmp_path_factory) -> Path:
     return _cached(
         tmp_path_factory,
         "photo-shards",
-        lambda d: S.write_shards(tree, d, shard_size=10, progress=False),
+        lambda d: writer.write_shards(tree, d, shard_size=10, progress=False),
     )
 
 
@@ -179,7 +179,7 @@ def take(it, n: int) -> list:
 def corrupt_jpeg(root: Path, shard: str, pos: int) -> str:
     """Overwrite the JPEG at index row ``pos`` of ``shard`` in place (same size, SOI kept:
     it looks like a JPEG and does not decode); returns the sample's key."""
-    rows = S.read_index(root / f"{shard}.idx")
+    rows = shardset.read_index(root / f"{shard}.idx")
     off, size, name = rows[pos]["jpg"]
     with open(root / f"{shard}.tar", "r+b") as f:
         f.seek(off + 2)

@@ -13,7 +13,7 @@ import nvidia.dali  # noqa: F401 - pinned in constraints.txt: fail here, never s
 import pytest
 import torch
 
-from dist_ast.data import shards as S
+from dist_ast.data import shardset, writer
 from tests.data_utils import corrupt_jpeg, eval_loader, take, train_loader
 
 KINDS = ["wds", "dali"]
@@ -39,9 +39,9 @@ def test_corrupt_jpeg(kind, shards: Path) -> None:
         assert sum(len(y) for _, y in ev) == 297 and ev.stats()["bad_samples"] == 1
     else:  # DALI cannot skip: a clear error naming shard and key, no hang
         tr = train_loader(kind, shards, batch_size=50)
-        with pytest.raises(S.ShardError, match=rf"train-000000\.tar key {key}"):
+        with pytest.raises(shardset.ShardError, match=rf"train-000000\.tar key {key}"):
             take(iter(tr), len(tr))
-        with pytest.raises(S.ShardError, match=rf"val-000000\.tar key {key_val}"):
+        with pytest.raises(shardset.ShardError, match=rf"val-000000\.tar key {key_val}"):
             list(eval_loader(kind, shards))
 
 
@@ -57,28 +57,28 @@ def rewrite_shard_without_label(root: Path, shard: str, pos: int) -> str:
         samples.setdefault(k, {})[ext] = data
     victim = sorted(samples)[pos]
     del samples[victim]["cls"]
-    rows = S.write_tar(root / f"{shard}.tar", sorted(samples.items()))
-    (root / f"{shard}.idx").write_text(S.format_index(rows))
-    man = json.loads((root / S.MANIFEST).read_text())
+    rows = writer.write_tar(root / f"{shard}.tar", sorted(samples.items()))
+    (root / f"{shard}.idx").write_text(shardset.format_index(rows))
+    man = json.loads((root / shardset.MANIFEST).read_text())
     for e in man["splits"]["train"]["shards"]:
         if e["tar"] == f"{shard}.tar":
             e["bytes"] = (root / e["tar"]).stat().st_size
-            e["sha256"] = S.sha256_file(root / e["tar"])
-    (root / S.MANIFEST).write_text(json.dumps(man))
+            e["sha256"] = shardset.sha256_file(root / e["tar"])
+    (root / shardset.MANIFEST).write_text(json.dumps(man))
     return victim
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_missing_label_is_an_error_naming_the_key(kind, shards: Path) -> None:
     key = rewrite_shard_without_label(shards, "train-000001", 7)
-    with pytest.raises(S.ShardError, match=rf"train-000001\.tar key {key}: no label"):
+    with pytest.raises(shardset.ShardError, match=rf"train-000001\.tar key {key}: no label"):
         train_loader(kind, shards)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_missing_shard(kind, shards: Path) -> None:
     (shards / "train-000002.tar").unlink()
-    with pytest.raises(S.ShardError, match=r"train-000002\.tar is missing"):
+    with pytest.raises(shardset.ShardError, match=r"train-000002\.tar is missing"):
         train_loader(kind, shards)
 
 
@@ -86,7 +86,7 @@ def test_missing_shard(kind, shards: Path) -> None:
 def test_truncated_shard(kind, shards: Path) -> None:
     with open(shards / "train-000001.tar", "r+b") as f:
         f.truncate(100_000)
-    with pytest.raises(S.ShardError, match=r"train-000001\.tar is 100000 bytes.*truncated"):
+    with pytest.raises(shardset.ShardError, match=r"train-000001\.tar is 100000 bytes.*truncated"):
         train_loader(kind, shards)
 
 
@@ -94,10 +94,10 @@ def test_truncated_shard_behind_the_manifests_back_is_caught_while_reading(shard
     # the manifest updated to the cut size (as if the shard had been copied half-way)
     with open(shards / "train-000001.tar", "r+b") as f:
         f.truncate(300_000)
-    man = json.loads((shards / S.MANIFEST).read_text())
+    man = json.loads((shards / shardset.MANIFEST).read_text())
     man["splits"]["train"]["shards"][1]["bytes"] = 300_000
-    (shards / S.MANIFEST).write_text(json.dumps(man))
-    with pytest.raises(S.ShardError, match=r"train-000001\.tar.*stale index"):
+    (shards / shardset.MANIFEST).write_text(json.dumps(man))
+    with pytest.raises(shardset.ShardError, match=r"train-000001\.tar.*stale index"):
         train_loader("wds", shards)
 
 
@@ -105,9 +105,9 @@ def test_truncated_shard_behind_the_manifests_back_is_caught_while_reading(shard
 def test_stale_index(kind, shards: Path) -> None:
     # the index of another shard with the same count: offsets point at other members
     shutil.copy(shards / "train-000001.idx", shards / "train-000000.idx")
-    with pytest.raises(S.ShardError, match=r"train-000000\.idx.*stale index.*--reindex"):
+    with pytest.raises(shardset.ShardError, match=r"train-000000\.idx.*stale index.*--reindex"):
         train_loader(kind, shards)
-    S.reindex(shards)
+    writer.reindex(shards)
     tr = train_loader(kind, shards)
     assert next(iter(tr))[0].shape[0] == 16
 
@@ -119,23 +119,23 @@ def test_stale_index_in_the_middle_is_caught_by_the_reader(shards: Path) -> None
     lines[101], lines[102] = lines[102], lines[101]
     idx.write_text("\n".join(lines) + "\n")
     tr = train_loader("wds", shards, batch_size=100, num_workers=0)
-    with pytest.raises(S.ShardError, match=r"train-000000\.tar: expected key .*stale index"):
+    with pytest.raises(shardset.ShardError, match=r"train-000000\.tar: expected key .*stale index"):
         take(iter(tr), len(tr))
-    with pytest.raises(S.ShardError, match="stale index"):
-        S.verify(shards, decode=False)
+    with pytest.raises(shardset.ShardError, match="stale index"):
+        writer.verify(shards, decode=False)
 
 
 def test_no_manifest(tmp_path: Path) -> None:
-    with pytest.raises(S.ShardError, match="manifest.json not found"):
-        S.ShardSet(tmp_path, "train")
+    with pytest.raises(shardset.ShardError, match="manifest.json not found"):
+        shardset.ShardSet(tmp_path, "train")
 
 
 def test_bad_label_value(shards: Path) -> None:
-    rows = S.read_index(shards / "val-000000.idx")
+    rows = shardset.read_index(shards / "val-000000.idx")
     off, size, name = rows[0]["cls"]
     with open(shards / "val-000000.tar", "r+b") as f:
         f.seek(off)
         f.write(b"x" * size)
     ev = eval_loader("wds", shards, num_workers=0)
-    with pytest.raises(S.ShardError, match=r"val-000000\.tar key 000000000: label"):
+    with pytest.raises(shardset.ShardError, match=r"val-000000\.tar key 000000000: label"):
         list(ev)

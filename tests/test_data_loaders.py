@@ -13,7 +13,7 @@ import torch
 from dist_ast.config import DataConfig
 from dist_ast.data import build_loaders
 from dist_ast.data.dali import parse_labels
-from dist_ast.data.shards import ShardError, ShardSet, rank_slice
+from dist_ast.data.shardset import ShardError, ShardSet, rank_slice, read_samples
 from tests.data_utils import eval_loader, take, train_loader
 
 KINDS = ["wds", "dali"]
@@ -64,11 +64,9 @@ def test_both_loaders_read_the_same_val_samples(which, world, request) -> None:
             per_rank.append((x, y))
         seen[kind] = per_rank
     # labels: exactly the shards' labels, in order, for every rank
-    from dist_ast.data.wds import _read_samples
-
     for r in range(world):
         lo, hi = rank_slice(len(ss), r, world)
-        want = [s[2] for s in _read_samples(ss, lo, hi)]
+        want = [s[2] for s in read_samples(ss, lo, hi)]
         for kind in kinds:
             assert seen[kind][r][1].tolist() == want, kind
     if len(kinds) == 2:
@@ -105,13 +103,11 @@ def test_ranks_get_equal_disjoint_batches(kind, digits: Path) -> None:
 def test_dali_epoch_is_the_rank_slice_when_it_divides(digits: Path) -> None:
     # 1500 = 2 ranks x 30 batches x 25: each rank's epoch is exactly its slice
     ss = ShardSet(digits, "train")
-    from dist_ast.data.wds import _read_samples
-
     for r in range(2):
         tr = train_loader("dali", digits, rank=r, world_size=2, batch_size=25)
         got = Counter(torch.cat([y for _, y in take(iter(tr), len(tr))]).tolist())
         lo, hi = rank_slice(1500, r, 2)
-        assert got == Counter(s[2] for s in _read_samples(ss, lo, hi))
+        assert got == Counter(s[2] for s in read_samples(ss, lo, hi))
 
 
 @pytest.mark.parametrize(
@@ -213,18 +209,10 @@ def test_imagenet_recipe_shapes(photos: Path) -> None:
 
 
 def test_bench_data_smoke(tmp_path: Path) -> None:
-    from dist_ast.bench.data import run
+    from benchmarks import data, harness
 
-    rows = run(
-        {
-            "images": 32,
-            "batch_size": 8,
-            "image_size": 64,
-            "workers": 0,
-            "rounds": 1,
-            "cache": str(tmp_path),
-        }
-    )
+    options = ["--images", "32", "--batch-size", "8", "--image-size", "64", "--workers", "0"]
+    rows = data.run(harness.parse_args(data, [*options, "--rounds", "1", "--cache", str(tmp_path)]))
     names = [r["loader"] for r in rows]
     assert names[:2] == ["torchvision ImageFolder", "webdataset + torchvision"]
     assert all(r["images_per_s"] > 0 and r["images_per_cpu_s"] > 0 for r in rows)

@@ -16,7 +16,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dist_ast.data import shards as S
+from dist_ast.data import shards as shards_cli
+from dist_ast.data import shardset, writer
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +26,15 @@ def digits_dir(digits_shards: Path) -> Path:
 
 
 def test_manifest_counts_and_checksums(digits_dir: Path) -> None:
-    man = S.load_manifest(digits_dir)
+    man = shardset.load_manifest(digits_dir)
     assert man["classes"] == [str(i) for i in range(10)]
     assert man["splits"]["train"]["count"] == 1500 and man["splits"]["val"]["count"] == 297
     assert [e["count"] for e in man["splits"]["train"]["shards"]] == [400, 400, 400, 300]
     for split in ("train", "val"):
         for e in man["splits"][split]["shards"]:
-            assert S.sha256_file(digits_dir / e["tar"]) == e["sha256"]
+            assert shardset.sha256_file(digits_dir / e["tar"]) == e["sha256"]
             assert (digits_dir / e["tar"]).stat().st_size == e["bytes"]
-    assert S.verify(digits_dir) == {"train": 1500, "val": 297}
+    assert writer.verify(digits_dir) == {"train": 1500, "val": 297}
 
 
 def test_index_is_what_wds2idx_writes(digits_dir: Path, tmp_path: Path) -> None:
@@ -58,7 +59,7 @@ def test_samples_are_jpg_plus_integer_cls_and_shuffled(digits_dir: Path) -> None
     src_x, src_y = load_digits_uint8()["train"]
     got: Counter = Counter()
     keys, images, labels = [], [], []
-    for e in S.load_manifest(digits_dir)["splits"]["train"]["shards"]:
+    for e in shardset.load_manifest(digits_dir)["splits"]["train"]["shards"]:
         with tarfile.open(digits_dir / e["tar"]) as tf:
             names = tf.getnames()
             assert {n.split(".", 1)[1] for n in names} == {"jpg", "cls"}
@@ -103,47 +104,52 @@ def test_rerun_skips_complete_shards_and_finishes_a_cut_run(
     tiny_tree: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "d"
-    man = S.write_shards(tiny_tree, out, shard_size=3, workers=2, progress=False)
+    man = writer.write_shards(tiny_tree, out, shard_size=3, workers=2, progress=False)
     assert [e["count"] for e in man["splits"]["train"]["shards"]] == [3, 3, 3, 3, 1]
     stamp = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     # simulate a crash after two shards: no manifest, the progress log cut, a stale temp file
-    (out / S.MANIFEST).unlink()
-    lines = (out / S.PROGRESS).read_text().splitlines()
-    (out / S.PROGRESS).write_text("\n".join(lines[:2]) + "\n" + lines[2][:20])
+    (out / shardset.MANIFEST).unlink()
+    lines = (out / writer.PROGRESS).read_text().splitlines()
+    (out / writer.PROGRESS).write_text("\n".join(lines[:2]) + "\n" + lines[2][:20])
     third = json.loads(lines[2])["tar"]
     (out / third).unlink()
     (out / (third + ".tmp")).write_bytes(b"half a shard")
-    man2 = S.write_shards(tiny_tree, out, shard_size=3, progress=False)
+    man2 = writer.write_shards(tiny_tree, out, shard_size=3, progress=False)
     assert man2 == man  # byte-identical shards, same checksums
     for name in [json.loads(x)["tar"] for x in lines[:2]]:
         assert (out / name).stat().st_mtime_ns == stamp[name]  # not rewritten
     assert not (out / (third + ".tmp")).exists()
     # a complete directory: nothing to do
-    assert S.write_shards(tiny_tree, out, shard_size=3, progress=False) == man
+    assert writer.write_shards(tiny_tree, out, shard_size=3, progress=False) == man
 
 
 def test_other_plan_in_same_dir_is_refused(tiny_tree: Path, tmp_path: Path) -> None:
-    S.write_shards(tiny_tree, tmp_path / "d", shard_size=5, progress=False)
-    with pytest.raises(S.ShardError, match="another plan"):
-        S.write_shards(tiny_tree, tmp_path / "d", shard_size=5, seed=1, progress=False)
+    writer.write_shards(tiny_tree, tmp_path / "d", shard_size=5, progress=False)
+    with pytest.raises(shardset.ShardError, match="another plan"):
+        writer.write_shards(tiny_tree, tmp_path / "d", shard_size=5, seed=1, progress=False)
 
 
 def test_cli(tiny_tree: Path, tmp_path: Path) -> None:
     out = str(tmp_path / "d")
-    assert S.main(["--src", str(tiny_tree), "--out", out, "--shard-size", "5", "--quiet"]) == 0
+    assert (
+        shards_cli.main(["--src", str(tiny_tree), "--out", out, "--shard-size", "5", "--quiet"])
+        == 0
+    )
     assert len(list(Path(out).glob("*.tar"))) == 4
-    assert S.main(["--verify", out, "--quiet"]) == 0
+    assert shards_cli.main(["--verify", out, "--quiet"]) == 0
     (Path(out) / "train-000000.idx").unlink()
-    assert S.main(["--verify", out, "--quiet"]) == 1
-    assert S.main(["--reindex", out, "--quiet"]) == 0
-    assert S.main(["--verify", out, "--quiet"]) == 0
-    assert S.main(["--src", str(tmp_path / "nowhere"), "--out", out, "--quiet"]) == 1
+    assert shards_cli.main(["--verify", out, "--quiet"]) == 1
+    assert shards_cli.main(["--reindex", out, "--quiet"]) == 0
+    assert shards_cli.main(["--verify", out, "--quiet"]) == 0
+    assert shards_cli.main(["--src", str(tmp_path / "nowhere"), "--out", out, "--quiet"]) == 1
 
 
 def test_imagefolder_labels_follow_sorted_class_folders(cifar_tree: Path, tmp_path: Path) -> None:
     cifar_tree = Path(shutil.copytree(cifar_tree, tmp_path / "src"))
     (cifar_tree / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
-    man = S.write_shards(cifar_tree, tmp_path / "out", shard_size=128, workers=2, progress=False)
+    man = writer.write_shards(
+        cifar_tree, tmp_path / "out", shard_size=128, workers=2, progress=False
+    )
     (cifar_tree / "train" / "cat" / "broken.jpg").unlink()
     tmp_path = tmp_path / "out"
     classes = sorted(os.listdir(cifar_tree / "train"))
@@ -170,7 +176,7 @@ def test_imagefolder_labels_follow_sorted_class_folders(cifar_tree: Path, tmp_pa
 
 
 def test_sample_photos_through_the_writer(photo_shards: Path) -> None:
-    man = S.load_manifest(photo_shards)
+    man = shardset.load_manifest(photo_shards)
     assert man["classes"] == ["china", "flower"]
     assert man["splits"]["train"]["count"] == 48 and man["splits"]["val"]["count"] == 16
 
@@ -185,27 +191,27 @@ def test_png_and_grayscale_sources_are_reencoded(tmp_path: Path) -> None:
             d.mkdir(parents=True)
             Image.new(mode, (40, 30), 128).save(d / "x.png")
             Image.new("CMYK", (40, 30)).save(d / "y.jpg")
-    man = S.write_shards(tree, tmp_path / "out", shard_size=10, progress=False)
+    man = writer.write_shards(tree, tmp_path / "out", shard_size=10, progress=False)
     assert man["splits"]["train"]["count"] == 4 and not man["skipped"]
-    assert S.verify(tmp_path / "out") == {"train": 4, "val": 4}
+    assert writer.verify(tmp_path / "out") == {"train": 4, "val": 4}
 
 
 @settings(max_examples=200, deadline=None)
 @given(n=st.integers(1, 5000), world=st.integers(1, 16), batch=st.integers(1, 64))
 def test_epoch_arithmetic(n: int, world: int, batch: int) -> None:
-    slices = [S.rank_slice(n, r, world) for r in range(world)]
+    slices = [shardset.rank_slice(n, r, world) for r in range(world)]
     assert slices[0][0] == 0 and slices[-1][1] == n
     assert all(a[1] == b[0] for a, b in zip(slices, slices[1:], strict=False))
     if n < world * batch:
         with pytest.raises(ValueError, match="lower train.batch_size"):
-            S.batches_per_epoch(n, world, batch)
+            shardset.batches_per_epoch(n, world, batch)
         return
-    per_rank = S.batches_per_epoch(n, world, batch) * batch
+    per_rank = shardset.batches_per_epoch(n, world, batch) * batch
     # every rank's slice holds a whole epoch: no sample repeats within a rank's epoch
     assert all(hi - lo >= per_rank for lo, hi in slices)
 
 
 def test_shardset_runs_cross_shards(digits_dir: Path) -> None:
-    ss = S.ShardSet(digits_dir, "train")
+    ss = shardset.ShardSet(digits_dir, "train")
     assert len(ss) == 1500 and ss.locate(399) == (0, 399) and ss.locate(400) == (1, 0)
     assert list(ss.runs(390, 1210)) == [(0, 390, 400), (1, 0, 400), (2, 0, 400), (3, 0, 10)]

@@ -22,7 +22,7 @@ import pytest
 
 from dist_ast.cli import compose_config
 from dist_ast.config import RunConfig, config_as_dict
-from dist_ast.data.shards import ensure_digits_shards
+from dist_ast.data.writer import ensure_digits_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))

@@ -11,7 +11,7 @@ own checkpoint (``enable_checkpointing=True``), held as a uint8 tensor; a rebuil
 pipeline continues with bit-identical batches.
 
 Bad data: a missing label, a missing or truncated shard or a stale index fail before the
-pipeline starts (dist_ast.data.shards.ShardSet). DALI cannot skip an undecodable JPEG:
+pipeline starts (dist_ast.data.shardset.ShardSet). DALI cannot skip an undecodable JPEG:
 the pipeline stops, and the loader finds the culprit near the reader's position with
 PIL and raises a ShardError naming the shard and key (``--verify`` checks a whole
 directory).
@@ -25,8 +25,14 @@ from typing import Any
 
 import torch
 
-from dist_ast.data.shards import ShardError, ShardSet, batches_per_epoch, rank_slice
-from dist_ast.data.wds import NORM, SMALL, STORED_SMALL_SIZE, _decode, _mix, _read_samples
+from dist_ast.data.shardset import (
+    ShardError,
+    ShardSet,
+    batches_per_epoch,
+    rank_slice,
+    read_samples,
+)
+from dist_ast.data.transforms import NORM, SMALL, STORED_SMALL_SIZE, decode_jpeg, mix_seed
 
 log = logging.getLogger(__name__)
 
@@ -215,9 +221,9 @@ def _find_bad_jpeg(shards: ShardSet, lo: int, hi: int, start: int, count: int) -
     while q < count:
         a = (start + q) % n
         take = min(count - q, n - a, 256)
-        for key, jpg, _label, tar in _read_samples(shards, lo + a, lo + a + take):
+        for key, jpg, _label, tar in read_samples(shards, lo + a, lo + a + take):
             try:
-                _decode(jpg)
+                decode_jpeg(jpg)
             except Exception as e:  # noqa: BLE001
                 return f"shard {tar} key {key} ({type(e).__name__}: {e})"
         q += take
@@ -288,7 +294,7 @@ class DaliTrainLoader:
             batch_size=self.batch_size,
             num_threads=self.num_threads,
             device_id=_device_id(self.device),
-            seed=_mix(self.seed, self.rank) & 0x7FFFFFFF,
+            seed=mix_seed(self.seed, self.rank) & 0x7FFFFFFF,
             shard_id=self.rank,
             num_shards=self.world_size,
             checkpoint=self._checkpoint,

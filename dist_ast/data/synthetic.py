@@ -71,9 +71,8 @@ class SyntheticLoader:
 
 def build_synthetic(
     cfg: Any, *, batch_size: int, rank: int, world_size: int, seed: int, device: Any
-):
-    from dist_ast.data import Loaders
-
+) -> tuple[SyntheticLoader, SyntheticLoader, int]:
+    """(train, val, num_classes) for ``data=synthetic``."""
     device = torch.device(device)
     k = synthetic_classes(cfg.image_size)
     common = dict(batch_size=batch_size, image_size=cfg.image_size, num_classes=k, device=device)
@@ -87,4 +86,4 @@ def build_synthetic(
         endless=False,
         **common,
     )
-    return Loaders(train=train, val=val, num_classes=k, train_size=nb * batch_size * world_size)
+    return train, val, k

@@ -26,7 +26,6 @@ stale index is a ShardError naming the shard and key.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import multiprocessing as mp
@@ -38,67 +37,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dist_ast.data.shards import ShardError, ShardSet, batches_per_epoch, rank_slice
+from dist_ast.data.shardset import (
+    ShardError,
+    ShardSet,
+    batches_per_epoch,
+    rank_slice,
+    read_samples,
+)
+from dist_ast.data.transforms import Normalizer, build_transform, decode_jpeg, mix_seed
 
 log = logging.getLogger(__name__)
-
-# Per-dataset normalization (RGB, [0, 1] scale).
-NORM = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "digits_shards": ((0.3, 0.3, 0.3), (0.35, 0.35, 0.35)),  # as dist_ast.data.digits
-}
-# Small-image recipe (random crop with padding, optional flip) for these; ImageNet's
-# random-resized crop for the rest.
-SMALL = {"cifar10": {"pad": 4, "flip": True}, "digits_shards": {"pad": 2, "flip": False}}
-STORED_SMALL_SIZE = 32  # digits and CIFAR shards hold 32x32 images
-
-
-def _mix(*xs: int) -> int:
-    """A 63-bit seed from integers (SeedSequence is stable across numpy versions)."""
-    ss = np.random.SeedSequence([int(x) & 0xFFFFFFFF for x in xs])
-    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-def build_transform(dataset: str, train: bool, image_size: int, rrc_min: float):
-    """torchvision transform PIL RGB -> uint8 CHW tensor (normalization happens on the
-    device, after the batch arrives)."""
-    from torchvision import transforms as T
-
-    to_tensor = T.PILToTensor()
-    if dataset in SMALL:
-        small = SMALL[dataset]
-        ops: list[Any] = []
-        if image_size != STORED_SMALL_SIZE:
-            ops.append(T.Resize((image_size, image_size)))
-        if train:
-            ops.append(T.RandomCrop(image_size, padding=small["pad"]))
-            if small["flip"]:
-                ops.append(T.RandomHorizontalFlip())
-        return T.Compose([*ops, to_tensor])
-    if train:
-        return T.Compose(
-            [
-                T.RandomResizedCrop(image_size, scale=(rrc_min, 1.0), ratio=(3 / 4, 4 / 3)),
-                T.RandomHorizontalFlip(),
-                to_tensor,
-            ]
-        )
-    return T.Compose([T.Resize(round(image_size / 0.875)), T.CenterCrop(image_size), to_tensor])
-
-
-class Normalizer:
-    """uint8 NCHW batch -> float32 normalized, on the given device. For CUDA training the
-    workers ship uint8 and this runs on the GPU; for CPU training it runs in the workers
-    (single-threaded there, in parallel with the training step)."""
-
-    def __init__(self, dataset: str, device: torch.device) -> None:
-        mean, std = NORM.get(dataset, NORM["imagenet"])
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
-        self.inv_std = 1 / (torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self.mean) * self.inv_std
 
 
 def split_counts(total: int, n: int) -> list[int]:
@@ -106,61 +54,6 @@ def split_counts(total: int, n: int) -> list[int]:
     matches the DataLoader's round-robin, so output t = worker t % n, item t // n)."""
     q, r = divmod(total, n)
     return [q + (w < r) for w in range(n)]
-
-
-def _read_samples(shards: ShardSet, g0: int, g1: int) -> list[tuple[str, bytes, int, str]]:
-    """Samples [g0, g1) of the split in order, as (key, jpg bytes, label, shard path),
-    read sequentially from the tars with webdataset, starting at an index offset."""
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
-
-    out: list[tuple[str, bytes, int, str]] = []
-    for s, p0, p1 in shards.runs(g0, g1):
-        tar = shards.tars[s]
-        with open(tar, "rb") as f:
-            f.seek(int(shards.first[s][p0]))
-            want = [k.decode() for k in shards.keys[s][p0:p1]]
-            files = ({**m, "__url__": tar} for m in tar_file_iterator(f))
-            it = group_by_keys(files)
-            for key in want:
-                try:
-                    sample = next(it)
-                except StopIteration:
-                    raise ShardError(
-                        f"shard {tar} ends before key {key}: truncated shard"
-                    ) from None
-                except Exception as e:  # tarfile.ReadError and friends
-                    raise ShardError(f"shard {tar} near key {key}: unreadable tar ({e})") from e
-                got = sample["__key__"]
-                if got != key:
-                    raise ShardError(
-                        f"shard {tar}: expected key {key} (from its index), found {got}: "
-                        "stale index; rebuild it: python -m dist_ast.data.shards --reindex "
-                        f"{shards.root}"
-                    )
-                if "cls" not in sample:
-                    raise ShardError(f"shard {tar} key {key}: no label (.cls)")
-                if "jpg" not in sample:
-                    raise ShardError(f"shard {tar} key {key}: no image (.jpg)")
-                try:
-                    label = int(sample["cls"])
-                except ValueError:
-                    raise ShardError(
-                        f"shard {tar} key {key}: label {sample['cls'][:20]!r} is not an integer"
-                    ) from None
-                if not 0 <= label < shards.num_classes:
-                    raise ShardError(
-                        f"shard {tar} key {key}: label {label} outside [0, {shards.num_classes})"
-                    )
-                out.append((key, sample["jpg"], label, tar))
-    return out
-
-
-def _decode(jpg: bytes):
-    from PIL import Image
-
-    im = Image.open(io.BytesIO(jpg))
-    im.load()
-    return im.convert("RGB") if im.mode != "RGB" else im
 
 
 def _make_batch(
@@ -175,7 +68,7 @@ def _make_batch(
     bad: list[int] = []
     for i, (key, jpg, _label, tar) in enumerate(samples):
         try:
-            images.append(_decode(jpg))
+            images.append(decode_jpeg(jpg))
         except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
             log.warning(
                 "shard %s key %s: undecodable JPEG (%s); replaced in its batch", tar, key, e
@@ -223,7 +116,7 @@ class _TrainSpec:
         while q < q1:
             a = (base + q) % n
             take = min(q1 - q, n - a)
-            out += _read_samples(self.shards, self.lo + a, self.lo + a + take)
+            out += read_samples(self.shards, self.lo + a, self.lo + a + take)
             q += take
         return out
 
@@ -253,10 +146,12 @@ class _EpochStream(IterableDataset):
             nb = min(m, counts[w] - j)
             q0 = t0 * L.batch_size  # stream position within the epoch window
             samples = L.read_stream(epoch, q0, q0 + nb * L.batch_size)
-            perm = np.random.default_rng(_mix(L.seed, epoch, L.rank, t0)).permutation(len(samples))
+            perm = np.random.default_rng(mix_seed(L.seed, epoch, L.rank, t0)).permutation(
+                len(samples)
+            )
             for i in range(max(0, done - j), nb):
                 sel = perm[i * L.batch_size : (i + 1) * L.batch_size]
-                seed = _mix(L.seed, epoch, L.rank, t0 + i, 1)
+                seed = mix_seed(L.seed, epoch, L.rank, t0 + i, 1)
                 yield _make_batch([samples[k] for k in sel], L.transform, seed, L.normalize)
 
 
@@ -383,7 +278,7 @@ class _EvalStream(IterableDataset):
         t0 = sum(counts[:w])
         for t in range(t0, t0 + counts[w]):
             g0 = L.lo + t * L.batch_size
-            samples = _read_samples(L.shards, g0, min(L.hi, g0 + L.batch_size))
+            samples = read_samples(L.shards, g0, min(L.hi, g0 + L.batch_size))
             yield _make_batch(samples, L.transform, 0, L.worker_normalize)
 
 
