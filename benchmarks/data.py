@@ -66,7 +66,8 @@ def make_jpegs(root: Path, n: int, seed: int = 0) -> Path:
 
 
 def make_shards(tree: Path, out: Path) -> Path:
-    from dist_ast.data.shards import MANIFEST, write_shards
+    from dist_ast.data.shardset import MANIFEST
+    from dist_ast.data.writer import write_shards
 
     if not (out / MANIFEST).exists():
         write_shards(tree, out, shard_size=256, workers=2, progress=False)
