@@ -88,6 +88,14 @@ def _trainer(args: argparse.Namespace, run_dir: Path, rank: int, world: int, asy
     from dist_ast.distributed.setup import DistInfo
     from dist_ast.models import build_subnet_model
     from dist_ast.sparsity import GradientCorrection, MaskedSGD
+    from dist_ast.state_codecs import (
+        IntAttrs,
+        IntState,
+        MaskUpdateLog,
+        OptimizerState,
+        RankState,
+        RngState,
+    )
 
     config = RunConfig(run_dir=str(run_dir))
     config.model.name, config.model.num_classes, config.model.small_input = args.model, 1000, False
@@ -108,18 +116,39 @@ def _trainer(args: argparse.Namespace, run_dir: Path, rank: int, world: int, asy
         opt.state[p]["momentum_buffer"] = torch.randn_like(p)
     gc = GradientCorrection()
     gc.prev = [torch.randn_like(w) for w in model.sparse_weights()]
-    return SimpleNamespace(
+    t = SimpleNamespace(
         config=config,
         dist=DistInfo(rank, world, rank, torch.device("cpu")),
         model=model,
-        optimizer=opt,
-        gc=gc,
-        flops=_Flops(),
-        loaders=SimpleNamespace(train=_Loader()),
-        mask_updates=[{"step": 4000 * i, "subnet": i % 3, "reset": 10 * i} for i in range(30)],
-        scaler=None,
         step=0,
     )
+    # the Trainer's parts (Trainer.stateful_parts), with the same keys and sizes
+    parts = {
+        "model": model,
+        "optim": OptimizerState(model, opt),
+        "clock": IntAttrs(lambda: {"step": t.step}, lambda c: setattr(t, "step", c["step"])),
+        "gc": gc,
+        "flops": IntState(_Flops()),
+        "mask_updates": MaskUpdateLog(
+            [{"step": 4000 * i, "subnet": i % 3, "reset": 10 * i} for i in range(30)]
+        ),
+        f"rank{rank}": RankState(
+            {"rng": RngState(torch.device("cpu")), "loader": IntState(_Loader())}
+        ),
+    }
+    t.stateful_parts = lambda: parts
+    return t
+
+
+def _load(t: SimpleNamespace, path: Path) -> None:
+    """What Trainer.resume_from does: read the parts' state, install it."""
+    from dist_ast.checkpoint import read_checkpoint
+
+    parts = t.stateful_parts()
+    state, _ = read_checkpoint(path, parts, t.config, t.dist)
+    for key, part in parts.items():
+        if key in state:
+            part.load_state_dict(state[key])
 
 
 def _dir_bytes(path: Path) -> int:
@@ -135,7 +164,6 @@ def _bench(rank: int, world: int, args: argparse.Namespace, root: Path) -> dict:
     from dist_ast.checkpoint import (
         Checkpointer,
         complete_checkpoints,
-        load_checkpoint,
         verify_checkpoint,
     )
 
@@ -176,7 +204,7 @@ def _bench(rank: int, world: int, args: argparse.Namespace, root: Path) -> dict:
     for _ in range(max(1, args.rounds)):
         _barrier(world)
         t0 = time.perf_counter()
-        load_checkpoint(fresh, newest)
+        _load(fresh, newest)
         loads.append(time.perf_counter() - t0)
     ok = all(
         torch.equal(a, b)

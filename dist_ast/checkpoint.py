@@ -1,4 +1,5 @@
-"""Sharded checkpoints with ``torch.distributed.checkpoint`` (DESIGN §4).
+"""Sharded checkpoints with ``torch.distributed.checkpoint`` (DESIGN §4): the manager
+(when to save, write, commit, rotate; which checkpoint to resume from; loading parts).
 
 One checkpoint is a folder ``run_dir/checkpoints/step-<N>/`` holding DCP's shard files
 (``__<rank>_<i>.distcp``), DCP's ``.metadata`` and our ``meta.json`` (format version,
@@ -22,8 +23,12 @@ each rank takes its own RNG state when the old run had that rank, and the loader
 position is recomputed from the step (the global batch is the same, so the number of
 batches per epoch is too).
 
-DeepSpeed (``engine=deepspeed``): the engine saves its own format (``engine_save``
-below) beside our AST state, which is written generically from the SubnetModel.
+What to save is not this module's business: the trainer hands the manager a
+``dict[str, Stateful]`` (``Trainer.stateful_parts()``), each part owning its
+``state_dict``/``load_state_dict`` (tensors only), and the key of a part is its DCP key.
+A part with ``save_files``/``load_files`` (the DeepSpeed engine, in its own format)
+writes a folder of that name beside the DCP shards. The safe reader and the integrity
+checks are in ``dist_ast.checkpoint_io``, the tensor codecs in ``dist_ast.state_codecs``.
 
 Integrity: before the rename, rank 0 writes ``manifest.json``, the size and crc32c of
 every file in the folder (DCP's shards and ``.metadata``, ``meta.json``, DeepSpeed's
@@ -39,35 +44,51 @@ intact checkpoint; an async save's failure is raised at the next step boundary.
 from __future__ import annotations
 
 import errno
-import io
 import json
 import logging
-import mmap
 import os
-import pickle
-import random
 import shutil
 import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
-from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, NoReturn
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
-import crc32c
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import AsyncStager
+from torch.distributed.checkpoint.stateful import Stateful
 
+from dist_ast.checkpoint_io import (  # noqa: F401 - re-exported: the names callers import
+    CHECKSUM,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    MANIFEST_VERSION,
+    META_FILE,
+    STEP_PREFIX,
+    TMP_PREFIX,
+    CheckpointError,
+    DamagedCheckpointError,
+    SafeFileSystemReader,
+    _MetadataUnpickler,
+    checksum_files,
+    file_crc32c,
+    read_dcp_metadata,
+    read_meta,
+    verify_checkpoint,
+    write_manifest,
+    write_synced,
+)
 from dist_ast.config import RunConfig, config_as_dict
-from dist_ast.errors import EXIT_CHECKPOINT, ExpectedError
+from dist_ast.metrics import truncate_metrics  # noqa: F401 - moved to metrics; old imports
+from dist_ast.state_codecs import rng_state, set_rng_state  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
-    from dist_ast.train import Trainer
+    from dist_ast.distributed.setup import DistInfo
 
 log = logging.getLogger(__name__)
 # DCP warns on every single-process save/load that it assumes one process: we pass
@@ -78,30 +99,16 @@ warnings.filterwarnings(
     category=UserWarning,
 )
 
-FORMAT_VERSION = 1
-META_FILE = "meta.json"
-MANIFEST_FILE = "manifest.json"
-MANIFEST_VERSION = 1
-CHECKSUM = "crc32c"  # hardware CRC (SSE4.2 / ARMv8): a few GB/s, ~5 % of a ResNet-50 save
-STEP_PREFIX = "step-"
-TMP_PREFIX = ".tmp-step-"
 
+class CheckpointOwner(Protocol):
+    """What the manager reads of its owner (the Trainer): the run's config and ranks, the
+    step to name the folder by, and the parts to save."""
 
-class CheckpointError(ExpectedError, RuntimeError):
-    """A checkpoint that cannot be resumed from, or a save that failed; the message names
-    the folder, why, and what to do."""
+    config: RunConfig
+    dist: DistInfo
+    step: int
 
-    exit_code = EXIT_CHECKPOINT
-    kind = "checkpoint error"
-    same_on_every_rank = True
-
-
-class DamagedCheckpointError(CheckpointError):
-    """A checkpoint whose files do not match its manifest (or lack one it needs)."""
-
-    def __init__(self, folder: Path, file: str, why: str) -> None:
-        self.folder, self.file, self.why = Path(folder), file, why
-        super().__init__(f"checkpoint {folder} is damaged: {file} {why}")
+    def stateful_parts(self) -> dict[str, Stateful]: ...
 
 
 # --------------------------------------------------------------------------- layout
@@ -211,176 +218,6 @@ def _verify_logged(folder: Path) -> None:
         )
 
 
-# --------------------------------------------------------------------------- integrity
-
-
-def file_crc32c(path: Path) -> tuple[int, str]:
-    """(size, crc32c as 8 hex digits) of a file, read through mmap: no copy into Python
-    memory, and the CRC runs without the GIL (an async save checksums in its thread)."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return 0, f"{0:08x}"
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            return size, f"{crc32c.crc32c(m):08x}"
-
-
-def checksum_files(folder: Path, skip: tuple[str, ...] = (MANIFEST_FILE,)) -> dict[str, dict]:
-    """{relative posix path: {"size", "crc32c"}} of every file under ``folder``."""
-    folder = Path(folder)
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        rel = p.relative_to(folder).as_posix()
-        if p.is_file() and not p.is_symlink() and rel not in skip:
-            size, crc = file_crc32c(p)
-            out[rel] = {"size": size, CHECKSUM: crc}
-    return out
-
-
-def _write_synced(path: Path, text: str) -> None:
-    """Write and fsync a small file (meta.json, manifest.json): it is on disk before the
-    folder is renamed to ``step-<N>``."""
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_manifest(folder: Path, files: dict[str, dict] | None = None) -> dict:
-    """Write ``folder/manifest.json`` (``files`` from ``checksum_files``, computed now when
-    not given); returns the manifest."""
-    folder = Path(folder)
-    manifest = {
-        "manifest_version": MANIFEST_VERSION,
-        "checksum": CHECKSUM,
-        "files": checksum_files(folder) if files is None else files,
-    }
-    _write_synced(folder / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True))
-    return manifest
-
-
-def verify_checkpoint(folder: Path) -> bool:
-    """Check every file of a checkpoint against its manifest: True when it matches, False
-    for a checkpoint written before manifests (meta.json does not name one; only
-    ``.metadata`` and ``meta.json`` are checked to exist). Raises DamagedCheckpointError
-    naming the first missing, short or changed file."""
-    folder = Path(folder)
-    mpath = folder / MANIFEST_FILE
-    if not mpath.is_file():
-        try:
-            meta = json.loads((folder / META_FILE).read_text())
-        except FileNotFoundError:
-            raise DamagedCheckpointError(folder, META_FILE, "is missing") from None
-        except (OSError, ValueError) as e:
-            raise DamagedCheckpointError(folder, META_FILE, f"does not parse ({e})") from None
-        if not isinstance(meta, dict) or meta.get("manifest"):
-            raise DamagedCheckpointError(folder, MANIFEST_FILE, "is missing")
-        if not (folder / ".metadata").is_file():
-            raise DamagedCheckpointError(folder, ".metadata", "is missing")
-        return False
-    try:
-        manifest = json.loads(mpath.read_text())
-        files = manifest["files"]
-        entries = [(str(k), int(v["size"]), str(v[CHECKSUM])) for k, v in files.items()]
-        if manifest["checksum"] != CHECKSUM:
-            raise ValueError(f"checksum {manifest['checksum']!r}, expected {CHECKSUM!r}")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise DamagedCheckpointError(folder, MANIFEST_FILE, f"does not parse ({e})") from None
-    for need in (".metadata", META_FILE):
-        if need not in files:
-            raise DamagedCheckpointError(folder, MANIFEST_FILE, f"does not list {need}")
-    for rel, size, _ in entries:  # the cheap checks first: missing or short files
-        parts = PurePosixPath(rel).parts
-        if PurePosixPath(rel).is_absolute() or ".." in parts:
-            raise DamagedCheckpointError(folder, MANIFEST_FILE, f"lists a foreign path {rel!r}")
-        p = folder / rel
-        if not p.is_file():
-            raise DamagedCheckpointError(folder, rel, "is missing")
-        got = p.stat().st_size
-        if got != size:
-            raise DamagedCheckpointError(
-                folder, rel, f"has {got} bytes, its manifest says {size} (cut short or changed)"
-            )
-    for rel, _, want in entries:
-        _, got = file_crc32c(folder / rel)
-        if got != want:
-            raise DamagedCheckpointError(
-                folder, rel, f"differs from its manifest ({CHECKSUM} {got}, recorded {want})"
-            )
-    return True
-
-
-# --------------------------------------------------------------------------- safe reading
-
-_SAFE_MODULE_PREFIXES = ("torch.distributed.checkpoint.",)
-_SAFE_GLOBALS = {
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-    ("builtins", "slice"),
-    ("collections", "OrderedDict"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),  # torch.strided etc. by name
-    ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id
-    ("pathlib", "Path"),
-    ("torch._utils", "_rebuild_tensor_v2"),
-    ("torch.storage", "_load_from_bytes"),
-    ("enum", "Enum"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's metadata (its dataclasses, torch.Size, dtypes) and nothing else."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module.startswith(_SAFE_MODULE_PREFIXES) or (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if module == "torch" and name in ("memory_format", "layout"):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(
-            f"refusing to unpickle {module}.{name}: a DCP .metadata file holds only "
-            "torch.distributed.checkpoint metadata"
-        )
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """DCP's reader, with the ``.metadata`` pickle restricted to DCP's own classes."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any):  # noqa: ANN201 - DCP's type
-        rank = kwargs.get("rank")
-        path = self._get_metadata_path(rank)
-        with self.fs.create_stream(path, "rb") as f:
-            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
-        from torch.distributed.checkpoint.metadata import StorageMeta
-
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-def read_meta(path: Path) -> dict:
-    """``meta.json`` of a checkpoint folder, checked for format; CheckpointError if bad."""
-    f = Path(path) / META_FILE
-    try:
-        meta = json.loads(f.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"checkpoint {path} is incomplete or not a dist_ast checkpoint: {META_FILE} is "
-            "missing (delete the folder or point checkpoint.resume elsewhere)"
-        ) from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is corrupted: {f} does not parse ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        got = meta.get("format_version") if isinstance(meta, dict) else None
-        raise CheckpointError(
-            f"checkpoint {path} has format version {got!r}; this dist_ast reads version "
-            f"{FORMAT_VERSION}"
-        )
-    return meta
-
-
 def check_resume(config: RunConfig) -> Path | None:
     """The checkpoint to resume from, checked (its files against the manifest, meta.json,
     model, sub-nets, DCP metadata) before anything is built or written; None for a fresh
@@ -391,7 +228,7 @@ def check_resume(config: RunConfig) -> Path | None:
         return None
     meta = read_meta(path)
     check_compatible(meta, config, path)
-    _read_dcp_metadata(path)
+    read_dcp_metadata(path)
     return path
 
 
@@ -416,44 +253,6 @@ def _on_rank0(fn: Callable[[], Path | None]) -> Path | None:
     return value
 
 
-def _read_dcp_metadata(path: Path):  # noqa: ANN202 - DCP's Metadata
-    try:
-        return SafeFileSystemReader(str(path)).read_metadata()
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"checkpoint {path} is incomplete: DCP's .metadata is missing"
-        ) from None
-    except Exception as e:  # a truncated or foreign pickle
-        raise CheckpointError(
-            f"checkpoint {path} is corrupted: .metadata does not load ({e})"
-        ) from e
-
-
-def truncate_metrics(path: Path, step: int) -> int:
-    """Drop metrics.jsonl records after ``step`` (the killed run's tail, which the resumed
-    run writes again); returns how many were dropped."""
-    path = Path(path)
-    if not path.is_file():
-        return 0
-    keep, dropped = [], 0
-    for line in path.read_text().splitlines():
-        try:
-            rec_step = json.loads(line).get("step", 0)
-        except ValueError:  # a line cut by kill -9
-            dropped += 1
-            continue
-        if rec_step > step:
-            dropped += 1
-        else:
-            keep.append(line)
-    if dropped:
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(f"{ln}\n" for ln in keep))
-        tmp.replace(path)
-        log.info("metrics.jsonl: dropped %d records after step %d", dropped, step)
-    return dropped
-
-
 def check_compatible(meta: dict, config: RunConfig, path: Path) -> None:
     """Refuse a checkpoint of another model, sub-net count, sparsities or mode."""
     want = {
@@ -476,160 +275,83 @@ def check_compatible(meta: dict, config: RunConfig, path: Path) -> None:
         )
 
 
-# --------------------------------------------------------------------------- state <-> tensors
+# --------------------------------------------------------------------------- parts
 
 
-def _int_tensor(v: int) -> torch.Tensor:
-    """A Python int of any size as int64 [hi, lo] (FLOPs counters can pass 2**63)."""
-    hi, lo = divmod(int(v), 1 << 32)
-    return torch.tensor([hi, lo], dtype=torch.int64)
+def is_file_part(part: object) -> bool:
+    """A part that saves files of its own (``save_files``/``load_files``) instead of tensors."""
+    return hasattr(part, "save_files") and hasattr(part, "load_files")
 
 
-def _int_value(t: torch.Tensor) -> int:
-    hi, lo = (int(x) for x in t.tolist())
-    return (hi << 32) + lo
+def dcp_state(parts: dict[str, Stateful]) -> dict[str, Any]:
+    """The nested DCP state of ``parts``: each tensor part's ``state_dict()`` under its key."""
+    return {k: p.state_dict() for k, p in parts.items() if not is_file_part(p)}
 
 
-def _python_rng_tensor() -> torch.Tensor:
-    version, internal, gauss = random.getstate()
-    g = [0, 0] if gauss is None else [1, int(np.float64(gauss).view(np.int64))]
-    return torch.tensor([version, *internal, *g], dtype=torch.int64)
+def save_files(parts: dict[str, Stateful], folder: Path) -> None:
+    """Every file part writes ``folder/<its key>`` (collective where the part is)."""
+    for key, part in parts.items():
+        if is_file_part(part):
+            part.save_files(Path(folder) / key)
 
 
-def _set_python_rng(t: torch.Tensor) -> None:
-    v = t.tolist()
-    gauss = float(np.int64(v[-1]).view(np.float64)) if v[-2] else None
-    random.setstate((v[0], tuple(v[1:-2]), gauss))
+def load_files(parts: dict[str, Stateful], folder: Path) -> None:
+    for key, part in parts.items():
+        if is_file_part(part):
+            part.load_files(Path(folder) / key)
 
 
-def _numpy_rng_tensor() -> torch.Tensor:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    assert name == "MT19937"
-    extra = np.array([pos, has_gauss, np.float64(cached).view(np.int64)], dtype=np.int64)
-    return torch.from_numpy(np.concatenate([keys.astype(np.int64), extra]))
+class DeepSpeedFiles:
+    """The DeepSpeed engine's own checkpoint (engine=deepspeed) as a file part: its flat
+    fp32 partitions and their momentum in DeepSpeed's format, ``<folder>/engine``.
+    ``save_checkpoint`` is collective: every rank calls it (and it ends in a barrier).
+    Resharding to another world size is DeepSpeed's: ZeRO-1/2 checkpoints load on the
+    world size they were written with."""
+
+    def __init__(self, engine: Any, optimizer: Any = None) -> None:
+        self.engine, self.optimizer = engine, optimizer
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}  # all of it is in the files
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def save_files(self, folder: Path) -> None:
+        self.engine.save_checkpoint(str(folder), tag="engine", save_latest=False)
+
+    def load_files(self, folder: Path) -> None:
+        """After the AST state (the module weights it also loads are the same values)."""
+        if not folder.is_dir():
+            raise CheckpointError(
+                f"checkpoint {folder.parent} has no {folder.name}/ folder: it was written by "
+                "engine=ddp and cannot restore DeepSpeed's optimizer state"
+            )
+        self.engine.load_checkpoint(str(folder), tag="engine")
+        # torch's Optimizer.load_state_dict (which DeepSpeed calls on the client optimizer)
+        # replaces the param_group dicts: re-link PartitionMaskedSGD's sparse group (the
+        # partitions GC and the masked update run on), or GC would stop after a resume.
+        opt = self.optimizer
+        if opt is not None and hasattr(opt, "_sparse_group") and opt.param_groups:
+            opt._sparse_group = opt.param_groups[0]
 
 
-def _set_numpy_rng(t: torch.Tensor) -> None:
-    a = t.numpy()
-    keys = a[:-3].astype(np.uint32)
-    np.random.set_state(
-        ("MT19937", keys, int(a[-3]), int(a[-2]), float(a[-1:].view(np.float64)[0]))
-    )
-
-
-def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    """This process's RNG states as tensors (no pickles)."""
-    out = {
-        "torch": torch.get_rng_state(),
-        "python": _python_rng_tensor(),
-        "numpy": _numpy_rng_tensor(),
-    }
-    if device.type == "cuda":
-        out["cuda"] = torch.cuda.get_rng_state(device)
-    return out
-
-
-def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    _set_python_rng(state["python"])
-    _set_numpy_rng(state["numpy"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _optimizer_state(trainer: Trainer) -> dict[str, torch.Tensor]:
-    """MaskedSGD momentum by parameter name (names survive resharding; ids do not)."""
-    out = {}
-    for name, p in trainer.model.named_parameters():
-        st = trainer.optimizer.state.get(p, {})
-        for key, v in st.items():
-            if not isinstance(v, torch.Tensor):
-                raise CheckpointError(f"optimizer state {name}.{key} is not a tensor: {type(v)}")
-            out[f"{name}.{key}"] = v
-    return out
-
-
-def _flat_ints(d: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return {k: _int_tensor(v) for k, v in d.items()}
-
-
-def _mask_updates_tensor(updates: list[dict]) -> torch.Tensor:
-    rows = [[u["step"], u["subnet"], u["reset"]] for u in updates]
-    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
-
-
-def trainer_state(trainer: Trainer) -> dict[str, Any]:
-    """The nested DCP state of a Trainer: tensors only, this rank's keys named by rank."""
-    r = trainer.dist.rank
-    gc = trainer.gc
-    state: dict[str, Any] = {
-        "model": trainer.model.state_dict(),
-        "optim": _optimizer_state(trainer),
-        "clock": {"step": _int_tensor(trainer.step)},
-        "gc": {
-            "steps_checked": _int_tensor(gc.steps_checked),
-            "conflicts": _int_tensor(gc.conflicts),
-            "prev": {str(i): t for i, t in enumerate(gc.prev or [])},
-        },
-        "flops": _flat_ints(trainer.flops.state_dict()),
-        "mask_updates": _mask_updates_tensor(trainer.mask_updates),
-        f"rank{r}": {
-            "rng": rng_state(trainer.dist.device),
-            "loader": _flat_ints(trainer.loaders.train.state_dict()),
-        },
-    }
-    if getattr(trainer, "guard", None) is not None:  # train.nonfinite's skip counters
-        state["nonfinite"] = _flat_ints(trainer.guard.state_dict())
-    if trainer.scaler is not None:
-        sc = trainer.scaler.state_dict()
-        state["scaler"] = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in sc.items()}
-    return state
+def deepspeed_part(engine: Any, optimizer: Any = None) -> DeepSpeedFiles | None:
+    """The file part of a DeepSpeed engine; None for anything else (engine=ddp)."""
+    if engine is None or not hasattr(engine, "save_checkpoint"):
+        return None
+    return DeepSpeedFiles(engine, optimizer)
 
 
 # --------------------------------------------------------------------------- saving
 
 
-def _engine(trainer: Trainer) -> Any:
-    """The DeepSpeed engine when engine=deepspeed (``trainer.sync.engine``), else None."""
-    return getattr(getattr(trainer, "sync", None), "engine", None)
-
-
-def engine_save(trainer: Trainer, folder: Path) -> None:
-    """The engine's own checkpoint beside the AST state (engine=deepspeed): its flat fp32
-    partitions and their momentum live in DeepSpeed's format, ``folder/deepspeed/engine``.
-    ``save_checkpoint`` is collective: every rank calls it (and it ends in a barrier)."""
-    engine = _engine(trainer)
-    if engine is not None and hasattr(engine, "save_checkpoint"):
-        engine.save_checkpoint(str(folder / "deepspeed"), tag="engine", save_latest=False)
-
-
-def engine_load(trainer: Trainer, folder: Path) -> None:
-    """Restore the engine's optimizer partitions after the AST state (the module weights
-    it also loads are the same values). Resharding to another world size is DeepSpeed's:
-    ZeRO-1/2 checkpoints load on the world size they were written with."""
-    engine = _engine(trainer)
-    if engine is None or not hasattr(engine, "load_checkpoint"):
-        return
-    if not (folder / "deepspeed").is_dir():
-        raise CheckpointError(
-            f"checkpoint {folder} has no deepspeed/ folder: it was written by engine=ddp and "
-            "cannot restore DeepSpeed's optimizer state"
-        )
-    engine.load_checkpoint(str(folder / "deepspeed"), tag="engine")
-    # torch's Optimizer.load_state_dict (which DeepSpeed calls on the client optimizer)
-    # replaces the param_group dicts: re-link PartitionMaskedSGD's sparse group (the
-    # partitions GC and the masked update run on), or GC would stop after a resume.
-    opt = getattr(getattr(trainer, "sync", None), "optimizer", None)
-    if opt is not None and hasattr(opt, "_sparse_group") and opt.param_groups:
-        opt._sparse_group = opt.param_groups[0]
-
-
-def _meta(trainer: Trainer) -> dict:
-    c = trainer.config
+def _meta(config: RunConfig, step: int, world_size: int) -> dict:
+    c = config
     return {
         "format_version": FORMAT_VERSION,
-        "step": trainer.step,
-        "world_size": trainer.dist.world_size,
+        "step": step,
+        "world_size": world_size,
         "model": c.model.name,
         "num_classes": c.model.num_classes,
         "num_subnets": c.ast.num_subnets,
@@ -698,11 +420,11 @@ class Checkpointer:
     # DCP's writer, a class attribute so that a test can substitute a failing one
     writer_class: type[FileSystemWriter] = FileSystemWriter
 
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
-        self.cfg = trainer.config.checkpoint
-        self.run_dir = Path(trainer.config.run_dir)
-        self.dist = trainer.dist
+    def __init__(self, owner: CheckpointOwner) -> None:
+        self.owner = owner
+        self.cfg = owner.config.checkpoint
+        self.run_dir = Path(owner.config.run_dir)
+        self.dist = owner.dist
         self.last_save_time = time.monotonic()
         self.last_saved_step: int | None = None
         self.last_committed: Path | None = None  # rank 0: verified by its own checksums
@@ -725,9 +447,8 @@ class Checkpointer:
         return bool(n) and step % n == 0
 
     def save(self, block: bool = False) -> Path:
-        """Write the trainer's state at its current step (all ranks call this)."""
-        t = self.trainer
-        step = t.step
+        """Write the owner's parts at its current step (all ranks call this)."""
+        step = self.owner.step
         self.finish_pending()
         final, tmp = (
             step_dir(self.run_dir, step),
@@ -743,12 +464,13 @@ class Checkpointer:
                 made = e
         if not self._all_ok(made is None):  # (a barrier too) every rank stops if rank 0 could not
             self._abort(step, tmp, made or CheckpointError(f"rank 0 could not create {tmp}"))
-        state = trainer_state(t)
-        meta = _meta(t)
+        parts = self.owner.stateful_parts()
+        state = dcp_state(parts)
+        meta = _meta(self.owner.config, step, self.dist.world_size)
         start = time.perf_counter()
         if self.cfg.async_save and not block:
             try:
-                engine_save(t, tmp)  # DeepSpeed's own save is synchronous
+                save_files(parts, tmp)  # DeepSpeed's own save is synchronous
                 fut = dcp.async_save(
                     state,
                     checkpoint_id=str(tmp),
@@ -776,7 +498,7 @@ class Checkpointer:
                     process_group=self._group,
                     no_dist=not self.dist.distributed,
                 )
-                engine_save(t, tmp)
+                save_files(parts, tmp)
             except (Exception, CheckpointException) as e:
                 self._abort(step, tmp, e)
             self._barrier()
@@ -840,7 +562,7 @@ class Checkpointer:
         """meta.json, then manifest.json (both fsynced), then the rename (rank 0)."""
         if not (tmp / ".metadata").is_file():
             raise CheckpointError(f"DCP wrote no .metadata into {tmp}: the save did not finish")
-        _write_synced(tmp / META_FILE, json.dumps({**meta, "manifest": MANIFEST_FILE}, indent=1))
+        write_synced(tmp / META_FILE, json.dumps({**meta, "manifest": MANIFEST_FILE}, indent=1))
         start = time.perf_counter()
         size, crc = file_crc32c(tmp / META_FILE)
         write_manifest(tmp, {**files, META_FILE: {"size": size, CHECKSUM: crc}})
@@ -977,150 +699,102 @@ def _fsync_dir(path: Path) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def _targets(trainer: Trainer, saved: dict, saved_world: int) -> dict[str, Any]:
-    """Tensors for DCP to load into, shaped by this run and by what the checkpoint holds
-    (momentum and the GC buffer exist only once a step ran)."""
-    t = trainer
-    r = t.dist.rank
-    keys = set(saved)
-    # GC's g_prev: one tensor per sparse layer (DDP) or per flat fp32 partition
-    # (DeepSpeed), so its shapes come from the checkpoint; the step checks them
-    gc_prev = {
-        k[len("gc.prev.") :]: torch.zeros(tuple(saved[k].size), dtype=saved[k].properties.dtype)
-        for k in keys
-        if k.startswith("gc.prev.")
-    }
-    if sorted(gc_prev, key=int) != [str(i) for i in range(len(gc_prev))]:
-        raise CheckpointError("the checkpoint's GC buffer is incomplete")
-    gc_prev = {k: v.to(t.dist.device) for k, v in gc_prev.items()}
+def read_checkpoint(
+    path: Path, parts: dict[str, Stateful], config: RunConfig, dist_info: DistInfo
+) -> tuple[dict[str, Any], dict]:
+    """The saved state of ``parts`` (``dcp_state``'s form) and the checkpoint's meta.json.
 
-    optim: dict[str, torch.Tensor] = {}
-    params = dict(t.model.named_parameters())
-    for k in keys:
-        if k.startswith("optim."):
-            name, slot = k[len("optim.") :].rsplit(".", 1)
-            if name not in params:
-                raise CheckpointError(
-                    f"the checkpoint has optimizer state for {name}, which this model lacks"
-                )
-            optim[f"{name}.{slot}"] = torch.zeros_like(params[name])
-
-    state: dict[str, Any] = {
-        "model": t.model.state_dict(),
-        "optim": optim,
-        "clock": {"step": torch.zeros(2, dtype=torch.int64)},
-        "gc": {
-            "steps_checked": torch.zeros(2, dtype=torch.int64),
-            "conflicts": torch.zeros(2, dtype=torch.int64),
-            "prev": gc_prev,
-        },
-        "flops": {k: torch.zeros(2, dtype=torch.int64) for k in t.flops.state_dict()},
-    }
-    if any(k.startswith("nonfinite.") for k in keys):  # absent before train.nonfinite
-        state["nonfinite"] = {k: torch.zeros(2, dtype=torch.int64) for k in t.guard.state_dict()}
-    same_rank = f"rank{r}.rng.torch" in keys
-    if same_rank:
-        rng = {k.split(".", 2)[2]: None for k in keys if k.startswith(f"rank{r}.rng.")}
-        cur = rng_state(t.dist.device)
-        state[f"rank{r}"] = {
-            "rng": {k: torch.zeros_like(cur[k]) for k in rng if k in cur},
-        }
-        if saved_world == t.dist.world_size:
-            loader_keys = [k.split(".", 2)[2] for k in keys if k.startswith(f"rank{r}.loader.")]
-            state[f"rank{r}"]["loader"] = {
-                k: torch.zeros(2, dtype=torch.int64) for k in loader_keys
-            }
-    if t.scaler is not None and any(k.startswith("scaler.") for k in keys):
-        state["scaler"] = {k: torch.zeros((), dtype=torch.float64) for k in t.scaler.state_dict()}
-    return state
-
-
-def load_checkpoint(trainer: Trainer, path: Path) -> dict:
-    """Restore every part of the trainer from ``path``; returns its meta.json.
-
-    Raises CheckpointError, before touching the trainer where it can, when the folder
-    is incomplete, corrupted or of another model."""
+    Only the parts the checkpoint has are in the result (a part saved by a later
+    version, or another rank's, is not). Raises CheckpointError, before any part is
+    touched where it can, when the folder is incomplete, corrupted or of another model.
+    The caller installs the state (``Trainer.load_state_dict``), then ``load_files``."""
     path = Path(path)
-    t = trainer
     meta = read_meta(path)
-    check_compatible(meta, t.config, path)
-    md = _read_dcp_metadata(path)
-    saved = md.state_dict_metadata
-    _check_shapes(t, saved, path)
-
-    state = _targets(t, saved, int(meta["world_size"]))
-    # mask_updates has a data-dependent length: size its target from the metadata
-    mu = saved.get("mask_updates")
-    n_updates = int(mu.size[0]) if mu is not None else 0
-    state["mask_updates"] = torch.zeros((n_updates, 3), dtype=torch.int64)
+    check_compatible(meta, config, path)
+    saved = read_dcp_metadata(path).state_dict_metadata
+    tensor_parts = {k: p for k, p in parts.items() if not is_file_part(p)}
+    for key, part in tensor_parts.items():
+        if isinstance(part, torch.nn.Module):
+            _check_module_fits(key, part, saved, path)
+    state = {}
+    for key, part in tensor_parts.items():
+        target = _target(key, part.state_dict(), saved, dist_info.device)
+        if target is not None:
+            state[key] = target
     try:
         dcp.load(
             state,
             storage_reader=SafeFileSystemReader(str(path)),
             process_group=None,
-            no_dist=not t.dist.distributed,
+            no_dist=not dist_info.distributed,
         )
     except (Exception, CheckpointException) as e:  # DCP's is a BaseException
         raise CheckpointError(f"checkpoint {path} is corrupted or unreadable: {e}") from e
-
-    # install what could not be loaded in place
-    params = dict(t.model.named_parameters())
-    for key, v in state["optim"].items():
-        name, slot = key.rsplit(".", 1)
-        t.optimizer.state[params[name]][slot] = v
-    g = state["gc"]
-    t.gc.steps_checked = _int_value(g["steps_checked"])
-    t.gc.conflicts = _int_value(g["conflicts"])
-    t.gc.prev = [g["prev"][str(i)] for i in range(len(g["prev"]))] or None
-    t.flops.load_state_dict({k: _int_value(v) for k, v in state["flops"].items()})
-    if "nonfinite" in state:
-        t.guard.load_state_dict({k: _int_value(v) for k, v in state["nonfinite"].items()})
-    t.flops.refresh(t.model)
-    t.mask_updates = [
-        {"step": int(a), "subnet": int(b), "reset": int(c)}
-        for a, b, c in state["mask_updates"].tolist()
-    ]
-    t.step = _int_value(state["clock"]["step"])
-    if "scaler" in state and t.scaler is not None:
-        sc = {k: v.item() for k, v in state["scaler"].items()}
-        sc["_growth_tracker"] = int(sc.get("_growth_tracker", 0))  # an int in GradScaler
-        t.scaler.load_state_dict(sc)
-    mine = state.get(f"rank{t.dist.rank}", {})
-    if "rng" in mine:
-        set_rng_state(mine["rng"], t.dist.device)
-    else:
-        log.warning(
-            "checkpoint %s has no RNG state for rank %d (saved with %d ranks): this rank keeps "
-            "its seeded RNG",
-            path,
-            t.dist.rank,
-            meta["world_size"],
-        )
-    loader = t.loaders.train
-    if "loader" in mine:
-        loader.load_state_dict({k: _int_value(v) for k, v in mine["loader"].items()})
-    else:
-        # another world size: the same global batch gives the same batches per epoch,
-        # so the position follows from the step.
-        n = len(loader)
-        pos = dict(loader.state_dict())
-        pos.update(epoch=t.step // n, batches_consumed=t.step % n)
-        loader.load_state_dict(pos)
-        log.info("loader position recomputed from step %d for %d ranks", t.step, t.dist.world_size)
-    engine_load(t, path)
-    log.info("resumed from %s (step %d)", path, t.step)
-    return meta
+    return state, meta
 
 
-def _check_shapes(trainer: Trainer, saved: dict, path: Path) -> None:
-    """Name the first few model tensors whose shape differs (DCP's own error does not)."""
+def _target(key: str, current: Any, saved: dict, device: torch.device) -> Any:
+    """What DCP loads part ``key`` into: every saved tensor under ``key``, in place into
+    the part's own tensor where shape and dtype agree (the model's), else into a new one
+    sized from the checkpoint (momentum, the GC buffer, the mask-update log: they appear
+    or grow as the run goes); the part's tensors the checkpoint lacks are left out.
+    None when the checkpoint has nothing under ``key``."""
+    mine = {n: md for n, md in saved.items() if n == key or n.startswith(f"{key}.")}
+    if not mine:
+        return None
+
+    def fresh(md: Any) -> torch.Tensor:
+        return torch.zeros(tuple(md.size), dtype=md.properties.dtype, device=device)
+
+    if not isinstance(current, dict):  # a part whose state is one tensor
+        md = mine.get(key)
+        if md is None or not hasattr(md, "size"):
+            return None
+        same = tuple(current.shape) == tuple(md.size) and current.dtype == md.properties.dtype
+        return current if same else fresh(md)
+    # the part's dicts and tensors by their DCP names (nested keys joined by ".")
+    dicts: dict[str, dict] = {}
+    leaves: dict[str, tuple[dict, str]] = {}
+
+    def copy(d: dict, name: str) -> dict:
+        out = {}
+        dicts[name] = out
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out[k] = copy(v, f"{name}.{k}")
+            else:
+                out[k] = v
+                leaves[f"{name}.{k}"] = (out, k)
+        return out
+
+    target = copy(current, key)
+    for name, (parent, k) in leaves.items():
+        md = mine.get(name)
+        if md is None or not hasattr(md, "size"):
+            del parent[k]
+        elif tuple(parent[k].shape) != tuple(md.size) or parent[k].dtype != md.properties.dtype:
+            parent[k] = fresh(md)
+    for name, md in mine.items():
+        if name in leaves or not hasattr(md, "size"):
+            continue
+        # the innermost dict of the part that holds it: optim's flat names, gc.prev's
+        # numbered tensors, an RNG this device does not have
+        owner = max((d for d in dicts if name.startswith(f"{d}.")), key=len, default=None)
+        if owner is not None:
+            dicts[owner][name[len(owner) + 1 :]] = fresh(md)
+    return target
+
+
+def _check_module_fits(key: str, module: torch.nn.Module, saved: dict, path: Path) -> None:
+    """Name the first few tensors of a module part whose shape differs or that the
+    checkpoint lacks (DCP's own error does not)."""
     bad = []
-    for name, v in trainer.model.state_dict().items():
-        md = saved.get(f"model.{name}")
+    for name, v in module.state_dict().items():
+        md = saved.get(f"{key}.{name}")
         if md is None:
-            bad.append(f"model.{name} missing")
+            bad.append(f"{key}.{name} missing")
         elif hasattr(md, "size") and tuple(md.size) != tuple(v.shape):
-            bad.append(f"model.{name}: checkpoint {tuple(md.size)}, model {tuple(v.shape)}")
+            bad.append(f"{key}.{name}: checkpoint {tuple(md.size)}, model {tuple(v.shape)}")
     if bad:
         raise CheckpointError(
             f"checkpoint {path} does not fit this model ({len(bad)} tensors differ: "

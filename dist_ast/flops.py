@@ -15,6 +15,7 @@ from torch import nn
 
 from dist_ast.sparsity.layers import SubnetSparseMixin
 from dist_ast.sparsity.model import SubnetModel
+from dist_ast.state_codecs import ints_to_tensors, tensors_to_ints
 
 
 def layer_forward_flops(model: nn.Module, sample: torch.Tensor) -> dict[str, int]:
@@ -84,8 +85,14 @@ class TrainingFlops:
         self.total += sum(self._step_cost[k] for k in subnets)
         self.individual += sum(self._step_cost)
 
-    def state_dict(self) -> dict[str, int]:
+    def _counters(self) -> dict[str, int]:
         return {"total": self.total, "individual": self.individual}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.total, self.individual = int(state["total"]), int(state["individual"])
+    def _set_counters(self, c: dict[str, int]) -> None:
+        self.total, self.individual = int(c["total"]), int(c["individual"])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return ints_to_tensors(self._counters())
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._set_counters(tensors_to_ints(state))

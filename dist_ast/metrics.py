@@ -81,6 +81,31 @@ class MetricsWriter:
             self._tb = None
 
 
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop metrics.jsonl records after ``step`` (the killed run's tail, which the resumed
+    run writes again); returns how many were dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec_step = json.loads(line).get("step", 0)
+        except ValueError:  # a line cut by kill -9
+            dropped += 1
+            continue
+        if rec_step > step:
+            dropped += 1
+        else:
+            keep.append(line)
+    if dropped:
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(f"{ln}\n" for ln in keep))
+        tmp.replace(path)
+        log.info("metrics.jsonl: dropped %d records after step %d", dropped, step)
+    return dropped
+
+
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"  # "-": not evaluated
 

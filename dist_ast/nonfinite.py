@@ -20,6 +20,7 @@ import math
 import torch
 
 from dist_ast.errors import EXIT_NONFINITE, ExpectedError
+from dist_ast.state_codecs import ints_to_tensors, tensors_to_ints
 
 
 class NonFiniteError(ExpectedError):
@@ -84,8 +85,14 @@ class NonFiniteGuard:
             )
         return True
 
-    def state_dict(self) -> dict[str, int]:
+    def _counters(self) -> dict[str, int]:
         return {"skipped": self.skipped, "consecutive": self.consecutive}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
+    def _set_counters(self, c: dict[str, int]) -> None:
+        self.skipped, self.consecutive = int(c["skipped"]), int(c["consecutive"])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return ints_to_tensors(self._counters())
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._set_counters(tensors_to_ints(state))

@@ -22,17 +22,35 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dist_ast.checkpoint import (
+    CheckpointError,
+    check_resume,
+    dcp_state,
+    deepspeed_part,
+    load_files,
+    read_checkpoint,
+)
 from dist_ast.config import ConfigError, RunConfig, config_as_dict
 from dist_ast.data import Loaders, build_loaders
 from dist_ast.distributed.ddp import GradSync, wrap_model
 from dist_ast.distributed.setup import DistInfo, init_distributed, leave_together
 from dist_ast.evaluate import evaluate_subnets
 from dist_ast.flops import TrainingFlops
-from dist_ast.metrics import MetricsWriter, print_summary_table
+from dist_ast.metrics import MetricsWriter, print_summary_table, truncate_metrics
 from dist_ast.models import build_subnet_model
 from dist_ast.nonfinite import NonFiniteGuard, nonfinite
 from dist_ast.sparsity import GradientCorrection, MaskedSGD, SparsitySchedule, SubnetModel
 from dist_ast.sparsity.updater import MaskUpdater
+from dist_ast.state_codecs import (
+    IntAttrs,
+    IntState,
+    MaskUpdateLog,
+    OptimizerState,
+    RankState,
+    RngState,
+    ScalerState,
+    StateMismatchError,
+)
 from dist_ast.subnets_io import MODEL_FILE, save_model_state
 
 log = logging.getLogger("dist_ast.train")
@@ -372,17 +390,80 @@ class Trainer:
         if timed or checkpointer.steps_due(self.step):
             checkpointer.save()
 
+    def stateful_parts(self) -> dict:
+        """Every part of the state a step touches, by its checkpoint key; each owns its
+        ``state_dict``/``load_state_dict`` (tensors only). The checkpoint manager saves
+        and loads these and knows nothing else of the trainer."""
+        r = self.dist.rank
+        parts = {
+            "model": self.model,  # weights, BatchNorm sets, the masks of all sub-nets
+            "optim": OptimizerState(self.model, self.optimizer),
+            "clock": IntAttrs(lambda: {"step": self.step}, self._set_step),
+            "gc": self.gc,
+            "flops": self.flops,
+            "mask_updates": MaskUpdateLog(self.mask_updates),
+            f"rank{r}": RankState(  # rank-local: this process's RNGs and loader position
+                {"rng": RngState(self.dist.device), "loader": IntState(self.loaders.train)}
+            ),
+            "nonfinite": self.guard,
+        }
+        if self.scaler is not None:
+            parts["scaler"] = ScalerState(self.scaler)
+        sync = self.sync  # engine=deepspeed: the engine's files beside the tensors
+        engine = deepspeed_part(getattr(sync, "engine", None), getattr(sync, "optimizer", None))
+        if engine is not None:
+            parts["deepspeed"] = engine
+        return parts
+
+    def _set_step(self, clock: dict[str, int]) -> None:
+        self.step = clock["step"]
+
     def state_dict(self) -> dict:
-        """Everything a step touches, as DCP's nested dict of tensors (dist_ast.checkpoint)."""
-        from dist_ast.checkpoint import trainer_state
+        """Everything a step touches, as DCP's nested dict of tensors."""
+        return dcp_state(self.stateful_parts())
 
-        return trainer_state(self)
+    def load_state_dict(self, state: dict) -> None:
+        """Install ``state`` (``state_dict()``'s form; a part it lacks keeps its state).
+        Without this rank's loader position (a checkpoint of another world size) the
+        position follows from the step: the global batch is the same, so the number of
+        batches per epoch is too."""
+        for key, part in self.stateful_parts().items():
+            if key in state:
+                part.load_state_dict(state[key])
+        self.flops.refresh(self.model)
+        mine = state.get(f"rank{self.dist.rank}", {})
+        if "rng" not in mine:
+            log.warning(
+                "the checkpoint has no RNG state for rank %d (saved with fewer ranks): this "
+                "rank keeps its seeded RNG",
+                self.dist.rank,
+            )
+        if "loader" not in mine:
+            loader = self.loaders.train
+            n = len(loader)
+            pos = dict(loader.state_dict())
+            pos.update(epoch=self.step // n, batches_consumed=self.step % n)
+            loader.load_state_dict(pos)
+            log.info(
+                "loader position recomputed from step %d for %d ranks",
+                self.step,
+                self.dist.world_size,
+            )
 
-    def load_state_dict(self, path: str | Path) -> dict:
+    def resume_from(self, path: str | Path) -> dict:
         """Restore from a ``step-<N>`` checkpoint folder; returns its meta.json."""
-        from dist_ast.checkpoint import load_checkpoint
-
-        return load_checkpoint(self, Path(path))
+        path = Path(path)
+        parts = self.stateful_parts()
+        state, meta = read_checkpoint(path, parts, self.config, self.dist)
+        if int(meta["world_size"]) != self.dist.world_size:  # rank-local positions
+            state.get(f"rank{self.dist.rank}", {}).pop("loader", None)
+        try:
+            self.load_state_dict(state)
+        except StateMismatchError as e:
+            raise CheckpointError(f"checkpoint {path} does not fit this run: {e}") from e
+        load_files(parts, path)
+        log.info("resumed from %s (step %d)", path, self.step)
+        return meta
 
     def log_metrics(self, out: dict) -> None:
         """One metrics.jsonl record. The loss is read from the device here, and only here;
@@ -516,7 +597,6 @@ def build_trainer(config: RunConfig, dist_info: DistInfo) -> Trainer:
 
 def run(config: RunConfig) -> dict:
     """Train, evaluate every sub-net, write ``summary.json``; returns the summary."""
-    from dist_ast.checkpoint import check_resume, truncate_metrics
     from dist_ast.preemption import Preempted
 
     dist_info = init_distributed(config.train.device, config.train.collective_timeout_minutes)
@@ -525,7 +605,7 @@ def run(config: RunConfig) -> dict:
         resume = check_resume(config)  # a bad checkpoint fails here, before any write
         trainer = build_trainer(config, dist_info)
         if resume is not None:
-            trainer.load_state_dict(resume)
+            trainer.resume_from(resume)
         if dist_info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(config_as_dict(config), indent=2))

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from dist_ast.sparsity.layers import memory_order
+from dist_ast.state_codecs import StateMismatchError, int_tensor, int_value
 
 # Elements per fp64 chunk on CPU: the two fp64 copies of a chunk (4 MB) stay in L3
 # instead of materializing fp64 copies of every layer (~6 % of a ResNet-18 step), and
@@ -258,13 +259,18 @@ class GradientCorrection:
         self._valid = value is not None
 
     def state_dict(self) -> dict:
+        """Tensors only (a checkpoint's form): the counters as int64 [hi, lo], g_prev as
+        ``{"0": t0, "1": t1, …}`` (empty before the first applied step)."""
         return {
-            "prev": self.prev,
-            "steps_checked": self.steps_checked,
-            "conflicts": self.conflicts,
+            "steps_checked": int_tensor(self.steps_checked),
+            "conflicts": int_tensor(self.conflicts),
+            "prev": {str(i): t for i, t in enumerate(self.prev or [])},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.prev = state["prev"]
-        self.steps_checked = int(state["steps_checked"])
-        self.conflicts = int(state["conflicts"])
+        prev = state["prev"]
+        if sorted(prev, key=int) != [str(i) for i in range(len(prev))]:
+            raise StateMismatchError("the saved GC buffer is incomplete")
+        self.prev = [prev[str(i)] for i in range(len(prev))] or None
+        self.steps_checked = int_value(state["steps_checked"])
+        self.conflicts = int_value(state["conflicts"])
