@@ -13,11 +13,13 @@ map each key to the paper's hyperparameters.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dist_ast.errors import EXIT_CONFIG, ExpectedError
+from dist_ast.errors import ConfigError as ConfigError  # re-exported: raised for bad values
+from dist_ast.errors import require
+from dist_ast.models.registry import check_model
+from dist_ast.sparsity.nm import check_nm_patterns
 
 DATASETS = ("digits", "digits_shards", "cifar10", "imagenet", "synthetic")
 LOADERS = ("memory", "wds", "dali")
@@ -26,19 +28,6 @@ MODES = ("alternating", "joint", "individual")
 MASK_RELATIONS = ("non_disjoint", "completely_subset")
 ENGINES = ("ddp", "deepspeed")
 PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-class ConfigError(ExpectedError, ValueError):
-    """A configuration value that cannot run; the message names the key and the fix."""
-
-    exit_code = EXIT_CONFIG
-    kind = "config error"
-    same_on_every_rank = True
-
-
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"invalid {key}={value!r}: {allowed}")
 
 
 @dataclass
@@ -57,14 +46,10 @@ class ModelConfig:
     width: int = 32  # tiny_cnn only: channels of its first block (tests use 8)
 
     def __post_init__(self) -> None:
-        _require(self.num_classes >= 2, "model.num_classes", self.num_classes, "must be >= 2")
-        _require(self.width >= 1, "model.width", self.width, "must be >= 1")
+        require(self.num_classes >= 2, "model.num_classes", self.num_classes, "must be >= 2")
+        require(self.width >= 1, "model.width", self.width, "must be >= 1")
         if self._target_ is not None:
             self.name = self._target_  # the label in summaries and checkpoint checks
-        # Function-local import: the registry builds models from this dataclass, so a
-        # module-level import here would be an import cycle (config <-> models).
-        from dist_ast.models.registry import check_model
-
         check_model(self)
 
 
@@ -79,10 +64,10 @@ class DataConfig:
     synthetic_size: int = 1024  # samples per epoch for data=synthetic
 
     def __post_init__(self) -> None:
-        _require(self.name in DATASETS, "data.name", self.name, f"choose one of {DATASETS}")
-        _require(self.loader in LOADERS, "data.loader", self.loader, f"choose one of {LOADERS}")
+        require(self.name in DATASETS, "data.name", self.name, f"choose one of {DATASETS}")
+        require(self.loader in LOADERS, "data.loader", self.loader, f"choose one of {LOADERS}")
         in_memory = self.name in IN_MEMORY_DATASETS
-        _require(
+        require(
             in_memory == (self.loader == "memory"),
             "data.loader",
             self.loader,
@@ -90,8 +75,8 @@ class DataConfig:
             if in_memory
             else f"data={self.name} reads shards: choose wds or dali",
         )
-        _require(self.image_size >= 8, "data.image_size", self.image_size, "must be >= 8")
-        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        require(self.image_size >= 8, "data.image_size", self.image_size, "must be >= 8")
+        require(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
 
 
 @dataclass
@@ -119,57 +104,57 @@ class ASTConfig:
         return len(self.sparsities)
 
     def __post_init__(self) -> None:
-        _require(self.mode in MODES, "ast.mode", self.mode, f"choose one of {MODES}")
+        require(self.mode in MODES, "ast.mode", self.mode, f"choose one of {MODES}")
         s = list(self.sparsities)
-        _require(len(s) > 0, "ast.sparsities", s, "need at least one sub-net (N >= 1)")
+        require(len(s) > 0, "ast.sparsities", s, "need at least one sub-net (N >= 1)")
         for v in s:
-            _require(0.0 <= v < 1.0, "ast.sparsities", s, "every sparsity must lie in [0, 1)")
-        _require(
+            require(0.0 <= v < 1.0, "ast.sparsities", s, "every sparsity must lie in [0, 1)")
+        require(
             all(a < b for a, b in zip(s, s[1:], strict=False)),
             "ast.sparsities",
             s,
             "must be strictly ascending, e.g. [0.8, 0.9, 0.95]",
         )
-        _require(
+        require(
             self.mode != "individual" or len(s) == 1,
             "ast.sparsities",
             s,
             "ast.mode=individual trains one sub-net: give one sparsity (one run per sparsity)",
         )
-        _require(
+        require(
             0.0 <= self.initial_sparsity <= s[0],
             "ast.initial_sparsity",
             self.initial_sparsity,
             f"must lie in [0, {s[0]}] (the lowest target sparsity)",
         )
-        _require(
+        require(
             self.mask_relation in MASK_RELATIONS,
             "ast.mask_relation",
             self.mask_relation,
             f"choose one of {MASK_RELATIONS}",
         )
-        _require(self.update_every >= 1, "ast.update_every", self.update_every, "must be >= 1")
-        _require(self.stagger >= 0, "ast.stagger", self.stagger, "must be >= 0")
-        _require(
+        require(self.update_every >= 1, "ast.update_every", self.update_every, "must be >= 1")
+        require(self.stagger >= 0, "ast.stagger", self.stagger, "must be >= 0")
+        require(
             self.stagger * (len(s) - 1) < self.update_every,
             "ast.stagger",
             self.stagger,
             f"stagger*(N-1) must be < ast.update_every={self.update_every}, so that no two "
             "sub-nets update at once",
         )
-        _require(
+        require(
             0.0 <= self.ramp_start_epoch <= self.ramp_end_epoch,
             "ast.ramp_end_epoch",
             self.ramp_end_epoch,
             f"must be >= ast.ramp_start_epoch={self.ramp_start_epoch} >= 0",
         )
-        _require(
+        require(
             0.0 <= self.regrow_fraction_min <= self.regrow_fraction <= 1.0,
             "ast.regrow_fraction",
             self.regrow_fraction,
             f"need 0 <= regrow_fraction_min ({self.regrow_fraction_min}) <= regrow_fraction <= 1",
         )
-        _require(
+        require(
             not (self.gradient_correction and self.mode == "joint"),
             "ast.gradient_correction",
             self.gradient_correction,
@@ -177,46 +162,6 @@ class ASTConfig:
         )
         if self.nm_patterns is not None:
             check_nm_patterns(self.nm_patterns, s, self.initial_sparsity, self.mask_relation)
-
-
-def check_nm_patterns(
-    patterns: list[str], sparsities: list[float], initial_sparsity: float, mask_relation: str
-) -> None:
-    """N:M sub-nets: one pattern 'N:M' per sub-net, each 1 - N/M sparse, starting dense
-    and non-disjoint. Also guards :class:`dist_ast.sparsity.updater.MaskUpdater`."""
-    _require(
-        len(patterns) == len(sparsities),
-        "ast.nm_patterns",
-        patterns,
-        f"give one N:M pattern per sub-net ({len(sparsities)})",
-    )
-    expected = []
-    for p in patterns:
-        parts = p.split(":")
-        ok = len(parts) == 2 and all(x.isdigit() for x in parts)
-        ok = ok and 0 < int(parts[0]) < int(parts[1])
-        _require(ok, "ast.nm_patterns", patterns, "patterns look like '2:4' with 0 < N < M")
-        expected.append(round(1.0 - int(parts[0]) / int(parts[1]), 6))
-    _require(
-        mask_relation == "non_disjoint",
-        "ast.mask_relation",
-        mask_relation,
-        "N:M sub-nets (ast.nm_patterns) are trained non-disjoint; set "
-        "ast.mask_relation=non_disjoint",
-    )
-    _require(
-        initial_sparsity == 0.0,
-        "ast.initial_sparsity",
-        initial_sparsity,
-        "N:M sub-nets (ast.nm_patterns) start dense (0% N:M groups); set ast.initial_sparsity=0",
-    )
-    _require(
-        all(abs(a - b) <= 1e-6 for a, b in zip(expected, sparsities, strict=True)),
-        "ast.sparsities",
-        list(sparsities),
-        f"an N:M sub-net of ast.nm_patterns={patterns} is 1 - N/M sparse; set "
-        f"ast.sparsities={expected}",
-    )
 
 
 @dataclass
@@ -230,22 +175,22 @@ class OptimConfig:
     label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
-        _require(0 <= self.momentum < 1, "optim.momentum", self.momentum, "must lie in [0, 1)")
-        _require(
+        require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        require(0 <= self.momentum < 1, "optim.momentum", self.momentum, "must lie in [0, 1)")
+        require(
             not self.nesterov or self.momentum > 0,
             "optim.nesterov",
             self.nesterov,
             "nesterov needs optim.momentum > 0",
         )
-        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
-        _require(
+        require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        require(
             0 <= self.label_smoothing < 1,
             "optim.label_smoothing",
             self.label_smoothing,
             "must lie in [0, 1)",
         )
-        _require(self.warmup_epochs >= 0, "optim.warmup_epochs", self.warmup_epochs, ">= 0")
+        require(self.warmup_epochs >= 0, "optim.warmup_epochs", self.warmup_epochs, ">= 0")
 
 
 @dataclass
@@ -257,8 +202,8 @@ class EngineConfig:
     bucket_cap_mb: float = 25.0
 
     def __post_init__(self) -> None:
-        _require(self.name in ENGINES, "engine.name", self.name, f"choose one of {ENGINES}")
-        _require(self.zero_stage in (0, 1, 2), "engine.zero_stage", self.zero_stage, "0, 1 or 2")
+        require(self.name in ENGINES, "engine.name", self.name, f"choose one of {ENGINES}")
+        require(self.zero_stage in (0, 1, 2), "engine.zero_stage", self.zero_stage, "0, 1 or 2")
 
 
 @dataclass
@@ -297,32 +242,32 @@ class TrainConfig:
     tensorboard: bool = True  # scalars of metrics.jsonl also in run_dir/tb (rank 0)
 
     def __post_init__(self) -> None:
-        _require(self.epochs > 0, "train.epochs", self.epochs, "must be > 0")
-        _require(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
-        _require(
+        require(self.epochs > 0, "train.epochs", self.epochs, "must be > 0")
+        require(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
+        require(
             self.stop_after_steps is None or self.stop_after_steps >= 1,
             "train.stop_after_steps",
             self.stop_after_steps,
             "must be >= 1 (or null: the whole schedule)",
         )
-        _require(
+        require(
             self.precision in PRECISIONS,
             "train.precision",
             self.precision,
             f"choose one of {PRECISIONS}",
         )
-        _require(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
-        _require(
+        require(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
+        require(
             self.nonfinite in ("stop", "skip"), "train.nonfinite", self.nonfinite, "stop | skip"
         )
-        _require(self.max_skipped >= 0, "train.max_skipped", self.max_skipped, "must be >= 0")
-        _require(
+        require(self.max_skipped >= 0, "train.max_skipped", self.max_skipped, "must be >= 0")
+        require(
             self.collective_timeout_minutes > 0,
             "train.collective_timeout_minutes",
             self.collective_timeout_minutes,
             "must be > 0 (minutes a rank waits for its peers in a collective)",
         )
-        _require(
+        require(
             self.device in ("auto", "cpu", "cuda"), "train.device", self.device, "auto|cpu|cuda"
         )
 
@@ -342,20 +287,20 @@ class RunConfig:
         """Checks across sections: what the DeepSpeed engine cannot run."""
         if self.engine.name != "deepspeed":
             return
-        _require(
+        require(
             self.train.nonfinite == "stop",
             "train.nonfinite",
             self.train.nonfinite,
             "skip needs the step before DeepSpeed's optimizer runs; use stop with engine=deepspeed",
         )
-        _require(
+        require(
             self.ast.mode != "joint",
             "engine.name",
             self.engine.name,
             "ast.mode=joint needs N backward passes per step, which DeepSpeed's engine "
             "does not take; use engine=ddp",
         )
-        _require(
+        require(
             self.engine.zero_stage > 0 or self.train.precision == "fp32",
             "engine.zero_stage",
             self.engine.zero_stage,

@@ -34,6 +34,20 @@ class ExpectedError(Exception):
     same_on_every_rank = False
 
 
+class ConfigError(ExpectedError, ValueError):
+    """A configuration value that cannot run; the message names the key and the fix."""
+
+    exit_code = EXIT_CONFIG
+    kind = "config error"
+    same_on_every_rank = True
+
+
+def require(ok: bool, key: str, value: object, allowed: str) -> None:
+    """Raise ConfigError ``invalid key=value: allowed`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"invalid {key}={value!r}: {allowed}")
+
+
 class PeerLostError(ExpectedError):
     """Another rank died or stopped answering within the process-group timeout."""
 

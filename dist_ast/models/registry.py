@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from dist_ast.config import ConfigError
+from dist_ast.errors import ConfigError
 from dist_ast.models.cifar_resnet import cifar_resnet
 from dist_ast.models.resnet import torchvision_model, torchvision_names
 from dist_ast.models.tiny import TinyCNN

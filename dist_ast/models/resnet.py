@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torchvision
 from torch import nn
 
-from dist_ast.config import ConfigError
+from dist_ast.errors import ConfigError
 
 if TYPE_CHECKING:
     from dist_ast.config import ModelConfig

@@ -30,6 +30,7 @@ import math
 
 import torch
 
+from dist_ast.errors import require
 from dist_ast.sparsity.masks import topk_mask
 
 
@@ -146,3 +147,43 @@ def nm_update(
     out = from_groups(new, shape)
     assert int(sparse.sum()) == target
     return out
+
+
+def check_nm_patterns(
+    patterns: list[str], sparsities: list[float], initial_sparsity: float, mask_relation: str
+) -> None:
+    """N:M sub-nets: one pattern 'N:M' per sub-net, each 1 - N/M sparse, starting dense
+    and non-disjoint. Checked by RunConfig and by MaskUpdater."""
+    require(
+        len(patterns) == len(sparsities),
+        "ast.nm_patterns",
+        patterns,
+        f"give one N:M pattern per sub-net ({len(sparsities)})",
+    )
+    expected = []
+    for p in patterns:
+        parts = p.split(":")
+        ok = len(parts) == 2 and all(x.isdigit() for x in parts)
+        ok = ok and 0 < int(parts[0]) < int(parts[1])
+        require(ok, "ast.nm_patterns", patterns, "patterns look like '2:4' with 0 < N < M")
+        expected.append(round(1.0 - int(parts[0]) / int(parts[1]), 6))
+    require(
+        mask_relation == "non_disjoint",
+        "ast.mask_relation",
+        mask_relation,
+        "N:M sub-nets (ast.nm_patterns) are trained non-disjoint; set "
+        "ast.mask_relation=non_disjoint",
+    )
+    require(
+        initial_sparsity == 0.0,
+        "ast.initial_sparsity",
+        initial_sparsity,
+        "N:M sub-nets (ast.nm_patterns) start dense (0% N:M groups); set ast.initial_sparsity=0",
+    )
+    require(
+        all(abs(a - b) <= 1e-6 for a, b in zip(expected, sparsities, strict=True)),
+        "ast.sparsities",
+        list(sparsities),
+        f"an N:M sub-net of ast.nm_patterns={patterns} is 1 - N/M sparse; set "
+        f"ast.sparsities={expected}",
+    )

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from dist_ast.config import check_nm_patterns
 from dist_ast.sparsity import nm
 from dist_ast.sparsity.masks import random_masks
 from dist_ast.sparsity.model import SubnetModel
+from dist_ast.sparsity.nm import check_nm_patterns
 from dist_ast.sparsity.optim import MaskedSGD
 from dist_ast.sparsity.prune_regrow import global_magnitude_prune, prune_and_regrow
 from dist_ast.sparsity.schedule import SparsitySchedule, cubic_sparsity
