@@ -10,7 +10,7 @@ from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from dist_ast.config import RunConfig, to_run_config
 from dist_ast.errors import as_expected, report_and_exit
@@ -58,7 +58,3 @@ def hydra_main(fn: Callable[[RunConfig], Any], config_name: str = "config") -> N
             report_and_exit(expected)
 
     _main()
-
-
-def resolved_yaml(config: RunConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(config))

@@ -9,8 +9,12 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from dist_ast.distributed.setup import DistInfo
+from dist_ast.cli import compose_config
+from dist_ast.config import ConfigError
+from dist_ast.data import build_loaders
+from dist_ast.distributed.setup import DistInfo, init_distributed, leave_together
 from dist_ast.sparsity.model import SubnetModel
+from dist_ast.subnets_io import load_subnet_model, resolve_checkpoint
 
 
 @torch.no_grad()
@@ -109,12 +113,6 @@ def evaluate_checkpoint(
 ) -> dict:
     """Top-1/top-5 and sparsity of every sub-net of a checkpoint. Under torchrun the
     ranks split the validation set and all-reduce the counts (same numbers as one rank)."""
-    from dist_ast.cli import compose_config
-    from dist_ast.config import ConfigError
-    from dist_ast.data import build_loaders
-    from dist_ast.distributed.setup import init_distributed, leave_together
-    from dist_ast.subnets_io import load_subnet_model, resolve_checkpoint
-
     dist_info = init_distributed(device)
     with leave_together():
         config, model = load_subnet_model(ckpt, dist_info.device)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from dist_ast.subnets_io import load_model_state
+
 log = logging.getLogger(__name__)
 
 
@@ -42,8 +44,6 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
 
 def final_masks(ckpt: str | Path) -> dict[str, torch.Tensor]:
     """{layer: bool masks [N, *weight.shape]} of a checkpoint, in module order."""
-    from dist_ast.subnets_io import load_model_state
-
     _, state = load_model_state(ckpt)
     out = {}
     for key, t in state.items():

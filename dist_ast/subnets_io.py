@@ -23,8 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 
+from dist_ast.checkpoint import SafeFileSystemReader, complete_checkpoints, read_meta
 from dist_ast.config import RunConfig, to_run_config
+from dist_ast.models import build_subnet_model
 from dist_ast.sparsity.model import SubnetModel
 
 log = logging.getLogger(__name__)
@@ -45,8 +48,6 @@ def save_model_state(path: str | Path, config_dict: dict, model: SubnetModel) ->
 
 
 def _newest_checkpoint(run_dir: Path) -> Path | None:
-    from dist_ast.checkpoint import complete_checkpoints
-
     found = complete_checkpoints(run_dir)
     return found[-1][1] if found else None
 
@@ -100,11 +101,6 @@ def _load_dcp(folder: Path) -> tuple[dict | None, dict[str, torch.Tensor]]:
     model built from the saved config, with no process group and the checkpoint module's
     restricted metadata unpickler. Another DCP folder: converted whole to torch.save."""
     if (folder / "meta.json").is_file():
-        import torch.distributed.checkpoint as dcp
-
-        from dist_ast.checkpoint import SafeFileSystemReader, read_meta
-        from dist_ast.models import build_subnet_model
-
         config_dict = read_meta(folder)["config"]
         config = to_run_config(config_dict)
         model = build_subnet_model(config.model, config.ast.num_subnets)
@@ -148,8 +144,6 @@ def load_subnet_model(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[RunConfig, SubnetModel]:
     """The trained SubnetModel (eval mode) and its config."""
-    from dist_ast.models import build_subnet_model
-
     config, state = load_model_state(path)
     model = build_subnet_model(config.model, config.ast.num_subnets)
     model.load_state_dict(state)
