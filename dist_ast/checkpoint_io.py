@@ -167,7 +167,7 @@ _SAFE_GLOBALS = {
 }
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+class MetadataUnpickler(pickle.Unpickler):
     """Unpickles DCP's metadata (its dataclasses, torch.Size, dtypes) and nothing else."""
 
     def find_class(self, module: str, name: str) -> Any:
@@ -190,7 +190,7 @@ class SafeFileSystemReader(FileSystemReader):
         rank = kwargs.get("rank")
         path = self._get_metadata_path(rank)
         with self.fs.create_stream(path, "rb") as f:
-            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+            metadata = MetadataUnpickler(io.BytesIO(f.read())).load()
         from torch.distributed.checkpoint.metadata import StorageMeta
 
         if getattr(metadata, "storage_meta", None) is None:

@@ -29,8 +29,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from dist_ast.checkpoint import (
     CheckpointError,
+    MetadataUnpickler,
     ReusedStagingStager,
-    _MetadataUnpickler,
     complete_checkpoints,
     rng_state,
     set_rng_state,
@@ -286,7 +286,7 @@ def test_rng_states_round_trip_as_tensors():
 def test_restricted_unpickler_refuses_code():
     data = pickle.dumps(_Evil())
     with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle"):
-        _MetadataUnpickler(io.BytesIO(data)).load()
+        MetadataUnpickler(io.BytesIO(data)).load()
 
 
 def test_truncate_metrics_drops_records_after_the_checkpoint(tmp_path):
