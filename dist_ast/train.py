@@ -32,7 +32,9 @@ from dist_ast.checkpoint import (
 )
 from dist_ast.config import ConfigError, RunConfig, config_as_dict
 from dist_ast.data import Loaders, build_loaders
-from dist_ast.distributed.ddp import GradSync, wrap_model
+from dist_ast.distributed.ddp import wrap_model
+from dist_ast.distributed.engine import Engine
+from dist_ast.distributed.mask_sync import broadcast_masks, verify_masks
 from dist_ast.distributed.setup import DistInfo, init_distributed, leave_together
 from dist_ast.evaluate import evaluate_subnets
 from dist_ast.flops import TrainingFlops
@@ -116,13 +118,15 @@ class Trainer:
     step: int = 0
     scaler: torch.amp.GradScaler | None = None
     mask_updates: list[dict] = field(default_factory=list)
-    sync: GradSync | None = None  # data-parallel plumbing, set by build_trainer
+    sync: Engine | None = None  # DDPEngine or DeepSpeedEngine, set by build_trainer
     guard: NonFiniteGuard | None = None  # train.nonfinite, set by build_trainer
 
     def __post_init__(self) -> None:
         if self.guard is None:
             t = self.config.train
             self.guard = NonFiniteGuard(t.nonfinite, t.max_skipped, self.dist.device)
+        if self.sync is not None:
+            self.sync.bind(self.optimizer, self.scaler)  # DDP steps them (DeepSpeed: its own)
 
     @property
     def mode(self) -> str:
@@ -135,144 +139,122 @@ class Trainer:
         dtype = torch.bfloat16 if p == "bf16" else torch.float16
         return torch.autocast(self.dist.device.type, dtype=dtype)
 
-    def forward_backward(self, k: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Sub-net k's loss, backpropagated; returned detached and on the device (reading
-        it each step would stall a GPU: log steps read it)."""
-        self.model.set_subnet(k)
-        with self.autocast():
-            logits = self.ddp_model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=self.config.optim.label_smoothing)
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
-        return loss.detach()
+    def forward_backward(self, subnets: list[int], x: torch.Tensor, y: torch.Tensor):
+        """Each sub-net's loss, backpropagated through the engine; their mean, detached and
+        on the device (reading it each step would stall a GPU: log steps read it)."""
+        loss: torch.Tensor | float = 0.0
+        for k in subnets:
+            self.model.set_subnet(k)
+            with self.autocast():
+                logits = self.sync.forward(x)
+                loss_k = F.cross_entropy(
+                    logits.float(), y, label_smoothing=self.config.optim.label_smoothing
+                )
+            self.sync.backward(loss_k)
+            loss = loss + loss_k.detach().double()  # summed as floats were
+        return loss / len(subnets)
+
+    def choose_subnets(self) -> list[int]:
+        """All sub-nets (joint), or the one the schedule trains at this step."""
+        if self.mode == "joint":
+            return list(range(self.model.num_subnets))
+        return [self.schedule.active_subnet(self.step)]
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
-        """One step; reads nothing back from the device except GradScaler's skip check
-        (DESIGN §2): the loss and GC's conflict flag come back as device tensors."""
-        step, schedule, model = self.step, self.schedule, self.model
-        lr = lr_at(
-            step,
-            peak=self.peak_lr,
-            warmup_steps=self.warmup_steps,
-            total_steps=schedule.total_steps,
-        )
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        updating = schedule.updates_at(step)
-        weights = model.sparse_weights()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.sync.owns_step:
-            # DeepSpeed owns backward, all-reduce and step: the same masking, GC and masked
-            # update run on its flat fp32 partitions (dist_ast/distributed/deepspeed_engine.py).
-            # The non-finite guard sees its loss only (train.nonfinite=stop).
-            out = self.sync.train_step(self, x, y, lr, updating)
-            loss_t = torch.as_tensor(out["loss"], device=self.dist.device)
-            self.guard.observe(step, schedule.active_subnet(step), loss_t, nonfinite(loss_t, []))
-            return out
+        """One step, for every mode and engine; reads nothing back from the device except
+        GradScaler's skip check (DESIGN §2): the loss and GC's conflict flag come back as
+        device tensors."""
+        step = self.step
+        lr = self.set_lr()
+        updating = self.schedule.updates_at(step)
         skipping = self.config.train.nonfinite == "skip"
         bn_state = [b.clone() for b in self.bn_buffers] if skipping else None
-        self.sync.begin_step(updating)  # the all-reduce sends only m_k unless k regrows now
+        self.optimizer.zero_grad(set_to_none=True)
+        self.sync.begin_step(updating)  # DDP's all-reduce sends only m_k unless k regrows
 
-        # 1. Forward/backward: one sub-net (alternating) or all of them (joint).
-        if self.mode == "joint":
-            subnets = list(range(model.num_subnets))
-            masked = [torch.zeros_like(w) for w in weights]
-            dense_grads: dict[int, list[torch.Tensor]] = {}
-            loss: torch.Tensor | float = 0.0
-            for k in subnets:
-                for w in weights:
-                    w.grad = None
-                loss = loss + self.forward_backward(k, x, y).double()  # summed as floats were
-                if k in updating:
-                    dense_grads[k] = [w.grad.detach().clone() for w in weights]
-                torch._foreach_addcmul_(masked, [w.grad for w in weights], model.masks(k))
-            for w, g in zip(weights, masked, strict=True):
-                w.grad = g
-        else:
-            k = schedule.active_subnet(step)
-            subnets = [k]
-            loss = self.forward_backward(k, x, y)
-            dense_grads = {k: [w.grad.detach().clone() for w in weights]} if updating else {}
-            # 2. The update is the dense gradient masked to the active sub-net.
-            torch._foreach_mul_([w.grad for w in weights], model.masks(k))
-
-        finite = None
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-            if dense_grads:  # our own clones: unscale in place (a mask-update step may sync)
-                inv = 1.0 / self.scaler.get_scale()
-                for grads in dense_grads.values():
-                    torch._foreach_mul_(grads, inv)
-            # The scaler skips the step when any gradient (not only the sparse ones) is
-            # inf/nan: its own found-inf flags, summed on the device, tell GC to leave
-            # g_prev and the counters alone on that step. scaler.step reads them once.
-            found = self.scaler._found_inf_per_device(self.optimizer)
-            finite = sum(found.values()) == 0
-
-        # Non-finite loss or (all-reduced) gradient: remembered on the device (stop), or
-        # this step is dropped (skip). Under a GradScaler its own skip covers the gradients.
-        grads = [] if self.scaler else [p.grad for p in model.parameters() if p.grad is not None]
-        bad = self.agree_flag(nonfinite(loss, grads))
-        if skipping and self.guard.skip(step, subnets[0], loss, bad):
+        subnets = self.choose_subnets()  # 1. one sub-net (alternating) or all (joint)
+        loss = self.forward_backward(subnets, x, y)  # 2.
+        # 3.-6. mask, non-finite check, GC, masked update: on the gradients as the engine
+        # sees them (DDP: the model's; DeepSpeed: flat fp32 partitions, inside its step)
+        ran, conflicted = self.sync.step(lambda g: self.update(g, step, subnets, loss))
+        if not ran:  # DeepSpeed skipped its step (fp16 overflow): the loss still counts
+            self.guard.observe(step, subnets[0], loss, nonfinite(loss, []))
+        self.flops.add_step(subnets)  # rule 11: this step's passes at the masks they ran
+        if conflicted is None:  # train.nonfinite=skip dropped this step
             torch._foreach_copy_(self.bn_buffers, bn_state)  # the forward's statistics too
             self.optimizer.zero_grad(set_to_none=True)
-            self.flops.add_step(subnets)  # the passes ran
             log.warning(
                 "step %d (sub-net %d): non-finite loss or gradient, skipped", step, subnets[0]
             )
-            return {
-                "loss": loss,
-                "lr": lr,
-                "subnet": subnets[0] if len(subnets) == 1 else None,
-                "mask_update": None,
-                "gc_conflict": False,
-                "comm_bytes": self.sync.step_bytes,
-                "skipped": True,
-            }
-        self.guard.observe(step, subnets[0], loss, bad)
+            return self.step_record(loss, lr, subnets, None, False) | {"skipped": True}
+        self.sync.end_step()  # BatchNorm running statistics averaged over ranks
+
+        # 7. Prune-and-regrow of the sub-net(s) scheduled at this step.
         if updating:  # prune-and-regrow never ranks NaN scores
             self.check_finite()
-
-        # 3. Gradient correction on the sparse weights' gradient (fp32, unscaled), in
-        # place, branch-free on the device.
-        conflicted: torch.Tensor | bool = False
-        if self.checks_conflicts:
-            _, conflicted = self.gc(
-                [w.grad for w in weights],
-                model.masks(subnets[0]),
-                schedule.is_group_start(step),
-                finite=finite,
-            )
-
-        # 4. Masked SGD: only the trained sub-nets' weights and BN rows move.
-        update_masks = model.update_masks(subnets)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer, update_masks)
-            self.scaler.update()
-        else:
-            self.optimizer.step(update_masks)
-        self.sync.end_step()  # BatchNorm running statistics averaged over ranks
-        # Training FLOPs (rule 11): this step's passes at the masks they ran with.
-        self.flops.add_step(subnets)
-
-        # 5. Prune-and-regrow of the sub-net(s) scheduled at this step: rank 0 decides,
-        # the masks are broadcast bit-packed and checksummed on every rank.
-        # A step the GradScaler skipped (inf/nan) has no usable gradient to regrow by: the
-        # update only prunes, as under DeepSpeed (this read is on a mask-update step only).
-        overflow = finite is not None and bool(updating) and not bool(finite)
         for k in updating:
-            if overflow:
-                log.warning("step %d skipped by the GradScaler: sub-net %d only prunes", step, k)
-            grads = None if overflow else dense_grads[k]
-            reset = self.sync.update_masks(self.updater, k, step, grads, self.optimizer)
-            self.mask_updates.append({"step": step, "subnet": k, "reset": reset})
-            log.debug("step %d: sub-net %d mask update (%d weights grown fresh)", step, k, reset)
+            self.regrow(k, step, self.sync.dense_grads(subnets, k))
         if updating:
-            self.flops.refresh(model)  # the cost of the next steps
+            self.flops.refresh(self.model)  # the cost of the next steps
+        return self.step_record(loss, lr, subnets, updating or None, conflicted)
+
+    def update(self, g, step: int, subnets: list[int], loss: torch.Tensor):  # noqa: ANN001
+        """Steps 3-6 on ``g`` (a StepGrads); returns GC's conflict flag, None if dropped."""
+        g.mask(subnets)  # 3. g = Σ_k m_k ⊙ g_k, unscaled
+        # 4. Non-finite loss or (all-reduced) gradient: remembered on the device (stop), or
+        # this step is dropped (skip). Under a GradScaler its own skip covers the gradients.
+        bad = self.agree_flag(nonfinite(loss, g.checked()))
+        if self.config.train.nonfinite == "skip" and self.guard.skip(step, subnets[0], loss, bad):
+            return None
+        self.guard.observe(step, subnets[0], loss, bad)
+        conflicted = self.correct(g, step, subnets)  # 5. GC
+        g.step(subnets)  # 6. masked update: only the trained sub-nets' weights and BN rows
+        return conflicted
+
+    def correct(self, g, step: int, subnets: list[int]) -> torch.Tensor | bool:  # noqa: ANN001
+        """Gradient correction on the sparse weights' gradient (fp32, unscaled), in place,
+        branch-free on the device; its conflict flag (False when nothing is compared)."""
+        sparse = g.sparse(subnets[0]) if self.checks_conflicts else None
+        if sparse is None:  # or this DeepSpeed call steps a group without sparse weights
+            return False
+        group_start = self.schedule.is_group_start(step)
+        _, conflicted = self.gc(*sparse, group_start, reduce_group=g.reduce_group, finite=g.finite)
+        return conflicted
+
+    def regrow(self, k: int, step: int, dense: list[torch.Tensor] | None) -> None:
+        """Sub-net k's prune-and-regrow: rank 0 decides, the masks are broadcast bit-packed
+        and checksummed on every rank. Without a usable gradient (a step the GradScaler or
+        DeepSpeed skipped for inf/nan) the update only prunes."""
+        if dense is None:
+            log.warning("step %d skipped (overflow): sub-net %d only prunes", step, k)
+        new = self.updater.decide(k, step, dense) if self.dist.is_main else None
+        if self.dist.distributed:
+            new = broadcast_masks(new, self.model.masks(k))
+        assert new is not None
+        reset = self.updater.apply(k, new, self.optimizer)
+        self.sync.masks_changed(k)
+        if self.dist.distributed:
+            verify_masks(self.model)
+        self.mask_updates.append({"step": step, "subnet": k, "reset": reset})
+        log.debug("step %d: sub-net %d mask update (%d weights grown fresh)", step, k, reset)
+
+    def set_lr(self) -> float:
+        lr = lr_at(
+            self.step,
+            peak=self.peak_lr,
+            warmup_steps=self.warmup_steps,
+            total_steps=self.schedule.total_steps,
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def step_record(self, loss, lr: float, subnets, mask_update, conflicted) -> dict:  # noqa: ANN001
         return {
-            "loss": loss if len(subnets) == 1 else loss / len(subnets),  # device tensor
+            "loss": loss,  # device tensor: log steps read it
             "lr": lr,
             "subnet": subnets[0] if len(subnets) == 1 else None,
-            "mask_update": updating or None,
+            "mask_update": mask_update,
             "gc_conflict": conflicted,
             "comm_bytes": self.sync.step_bytes,
         }

@@ -59,7 +59,12 @@ MUTATIONS = [
     Mutation(
         "flops-refresh-deleted",
         "dist_ast/train.py",
-        (("            self.flops.refresh(model)  # the cost of the next steps\n", "            pass\n"),),
+        (
+            (
+                "            self.flops.refresh(self.model)  # the cost of the next steps\n",
+                "            pass\n",
+            ),
+        ),
         "11: FLOPs stay at the initial densities",
     ),
     Mutation(
@@ -120,11 +125,12 @@ MUTATIONS = [
     ),
     Mutation(
         "gradient-not-masked",
-        "dist_ast/train.py",
+        "dist_ast/distributed/ddp.py",
         (
             (
-                "            torch._foreach_mul_([w.grad for w in weights], model.masks(k))\n",
-                "            pass\n",
+                "            masked = torch._foreach_mul(per_subnet[0],"
+                " self.model.masks(subnets[0]))\n",
+                "            masked = list(per_subnet[0])\n",
             ),
         ),
         "3/5: the update (and GC's g_prev) is the dense gradient, not gradient ⊙ m_k",
@@ -181,13 +187,12 @@ MUTATIONS = [
     ),
     Mutation(
         "regrowth-from-masked-gradient",
-        "dist_ast/train.py",
+        "dist_ast/distributed/ddp.py",
         (
             (
-                "            dense_grads = {k: [w.grad.detach().clone() for w in weights]}"
-                " if updating else {}\n",
-                "            dense_grads = {k: [(w.grad * m).detach() for w, m in zip(weights,"
-                " model.masks(k))]} if updating else {}\n",
+                "        return self.per_subnet[subnets.index(k)]\n",
+                "        return [g * m for g, m in zip(self.per_subnet[subnets.index(k)],"
+                " self.model.masks(k))]\n",
             ),
         ),
         "5: regrowth ranks ∂L/∂w ⊙ m_k (zero off the mask)",
@@ -266,11 +271,13 @@ MUTATIONS = [
     ),
     Mutation(
         "gc-output-dropped",
-        "dist_ast/train.py",
+        "dist_ast/distributed/ddp.py",
         (
             (  # GC corrects a copy; the optimizer steps the uncorrected w.grad
-                "                [w.grad for w in weights],\n",
-                "                [w.grad.clone() for w in weights],\n",
+                "        return [w.grad for w in self.model.sparse_weights()],"
+                " self.model.masks(k)\n",
+                "        return [w.grad.clone() for w in self.model.sparse_weights()],"
+                " self.model.masks(k)\n",
             ),
         ),
         "9: the optimizer applies g, not the GC output",
@@ -280,8 +287,8 @@ MUTATIONS = [
         "dist_ast/train.py",
         (
             (
-                "                schedule.is_group_start(step),\n",
-                "                False,\n",
+                "        group_start = self.schedule.is_group_start(step)\n",
+                "        group_start = False\n",
             ),
         ),
         "9: the first step of an inner group is corrected too",

@@ -169,8 +169,8 @@ def test_trainer_applies_the_gc_projection_and_counts_conflicts(tmp_path):
     captured = {}
     original = trainer.forward_backward
 
-    def capture(k, x, y):
-        out = original(k, x, y)
+    def capture(subnets, x, y):
+        out = original(subnets, x, y)
         captured["grads"] = [w.grad.detach().clone() for w in weights]
         return out
 

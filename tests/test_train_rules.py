@@ -93,9 +93,9 @@ def test_alternation_trains_subnet_t_mod_n(tmp_path):
     seen = []
     original = trainer.forward_backward
 
-    def spy(k, x, y):
-        seen.append((trainer.step, k))
-        return original(k, x, y)
+    def spy(subnets, x, y):
+        seen.append((trainer.step, *subnets))
+        return original(subnets, x, y)
 
     trainer.forward_backward = spy
     run_steps(trainer, 9)
@@ -212,7 +212,7 @@ def test_joint_gradient_is_sum_of_each_subnets_masked_gradient(tmp_path):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for k in range(3):
         model.zero_grad(set_to_none=True)
-        trainer.forward_backward(k, x, y)
+        trainer.forward_backward([k], x, y)
         expected += w.grad * model.masks(k)[2]
     model.load_state_dict(state)  # undo the BN statistics those passes updated
     lr_step = trainer.step

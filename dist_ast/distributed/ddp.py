@@ -1,5 +1,5 @@
-"""Wrap the SubnetModel for data-parallel training, and the per-step plumbing the trainer
-calls around it (:class:`GradSync`).
+"""Wrap the SubnetModel for data-parallel training: :class:`DDPEngine`, the DDP side of
+the engine interface (:mod:`dist_ast.distributed.engine`).
 
 Choices, and why:
 
@@ -20,7 +20,6 @@ Choices, and why:
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -28,60 +27,124 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_ast.config import EngineConfig
 from dist_ast.distributed.comm_hook import MaskedAllReduceState, masked_allreduce_hook
-from dist_ast.distributed.mask_sync import average_buffers, broadcast_masks, verify_masks
+from dist_ast.distributed.engine import Engine, Update
+from dist_ast.distributed.mask_sync import verify_masks
 from dist_ast.distributed.setup import DistInfo
 from dist_ast.sparsity.model import SubnetModel
-from dist_ast.sparsity.updater import MaskUpdater
 
 
-@dataclass
-class GradSync:
-    """What the trainer tells the data-parallel machinery around one step.
+class ModelGrads:
+    """The model's own gradients (all-reduced by DDP's backward), as the step sees them."""
 
-    Works for one process too (then it only runs the mask update locally).
-    """
+    reduce_group = None
 
-    model: SubnetModel
-    dist: DistInfo
-    hook: MaskedAllReduceState | None = None
-    owns_step = False  # DeepSpeed's subclass runs the whole step (train_step)
+    def __init__(self, engine: DDPEngine) -> None:
+        self.engine, self.model = engine, engine.model
+        self.finite: torch.Tensor | None = None
+
+    def mask(self, subnets: list[int]) -> None:
+        weights, per_subnet = self.model.sparse_weights(), self.engine.per_subnet
+        if len(subnets) == 1:  # out of place: the dense gradient stays for regrowth
+            masked = torch._foreach_mul(per_subnet[0], self.model.masks(subnets[0]))
+        else:
+            masked = [torch.zeros_like(w) for w in weights]
+            for k, grads in zip(subnets, per_subnet, strict=True):
+                torch._foreach_addcmul_(masked, grads, self.model.masks(k))
+        for w, g in zip(weights, masked, strict=True):
+            w.grad = g
+        scaler = self.engine.scaler
+        if scaler is not None:
+            scaler.unscale_(self.engine.optimizer)
+            dense = [
+                g
+                for k, g in zip(subnets, self.engine.per_subnet, strict=True)
+                if k in self.engine.dense_subnets
+            ]
+            if dense:  # the kept dense gradients: unscale in place (a mask-update step)
+                inv = 1.0 / scaler.get_scale()
+                for grads in dense:
+                    torch._foreach_mul_(grads, inv)
+            # The scaler skips the step when any gradient (not only the sparse ones) is
+            # inf/nan: its own found-inf flags, summed on the device, tell GC to leave
+            # g_prev and the counters alone on that step. scaler.step reads them once.
+            found = scaler._found_inf_per_device(self.engine.optimizer)
+            self.finite = sum(found.values()) == 0
+
+    def checked(self) -> list[torch.Tensor]:
+        if self.engine.scaler is not None:  # its own skip covers the gradients
+            return []
+        return [p.grad for p in self.model.parameters() if p.grad is not None]
+
+    def sparse(self, k: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return [w.grad for w in self.model.sparse_weights()], self.model.masks(k)
+
+    def step(self, subnets: list[int]) -> None:
+        update_masks = self.model.update_masks(subnets)
+        scaler, optimizer = self.engine.scaler, self.engine.optimizer
+        if scaler is not None:
+            scaler.step(optimizer, update_masks)
+            scaler.update()
+        else:
+            optimizer.step(update_masks)
+
+
+class DDPEngine(Engine):
+    """DDP (or one process): the trainer's optimizer on the model's gradients."""
+
+    def __init__(
+        self,
+        model: SubnetModel,
+        dist: DistInfo,
+        module: nn.Module,
+        hook=None,  # noqa: ANN001
+    ) -> None:
+        self.model, self.dist, self.module = model, dist, module
+        self.hook: MaskedAllReduceState | None = hook
+        self.optimizer = self.scaler = None
+        self.per_subnet: list[list[torch.Tensor]] = []  # each backward's sparse gradients
+        self.dense_subnets: list[int] = []
+        self.grads: ModelGrads | None = None
+
+    def bind(self, optimizer, scaler) -> None:  # noqa: ANN001
+        self.optimizer, self.scaler = optimizer, scaler
 
     def begin_step(self, dense_subnets: list[int]) -> None:
-        """Before backward: the sub-nets whose mask update this step needs the dense
-        all-reduced gradient of (the hook sends only m_k's entries otherwise)."""
+        """The all-reduce sends only m_k's entries unless sub-net k regrows this step."""
+        self.dense_subnets, self.per_subnet = list(dense_subnets), []
         if self.hook is not None:
             self.hook.begin_step(dense_subnets)
 
-    def update_masks(
-        self,
-        updater: MaskUpdater,
-        k: int,
-        step: int,
-        dense_grads: list[torch.Tensor] | None,
-        optimizer,
-    ) -> int:
-        """Rank 0 decides sub-net k's new masks, broadcasts them bit-packed, every rank
-        installs them and checks the checksum of all masks. Returns the fresh-weight count.
-        """
-        new = updater.decide(k, step, dense_grads) if self.dist.is_main else None
-        if self.dist.distributed:
-            new = broadcast_masks(new, self.model.masks(k))
-        assert new is not None
-        reset = updater.apply(k, new, optimizer)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward (scaled under fp16); each sub-net's sparse-weight gradient is kept
+        apart (a second sub-net's backward starts from none)."""
+        weights = self.model.sparse_weights()
+        if self.per_subnet:
+            for w in weights:
+                w.grad = None
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        self.per_subnet.append([w.grad for w in weights])
+
+    def step(self, update: Update) -> tuple[bool, torch.Tensor | bool | None]:
+        self.grads = ModelGrads(self)
+        return True, update(self.grads)
+
+    def dense_grads(self, subnets: list[int], k: int) -> list[torch.Tensor] | None:
+        """Sub-net k's dense gradient (None when the GradScaler skipped this step: the
+        update only prunes; this read is on a mask-update step only)."""
+        assert self.grads is not None
+        if self.grads.finite is not None and not bool(self.grads.finite):
+            return None
+        return self.per_subnet[subnets.index(k)]
+
+    def masks_changed(self, k: int) -> None:
         if self.hook is not None:
             self.hook.masks_changed(k)
-        if self.dist.distributed:
-            verify_masks(self.model)
-        return reset
-
-    def end_step(self) -> None:
-        """After the optimizer step: make BatchNorm statistics identical on every rank."""
-        if self.dist.distributed:
-            average_buffers(self.model)
 
     @property
     def step_bytes(self) -> int | None:
-        """Gradient bytes all-reduced this step (None without the hook)."""
         return None if self.hook is None else self.hook.step_bytes
 
 
@@ -91,11 +154,11 @@ def mask_buffer_names(model: SubnetModel) -> list[str]:
 
 def wrap_model(
     model: SubnetModel, dist_info: DistInfo, engine: EngineConfig
-) -> tuple[nn.Module, GradSync]:
+) -> tuple[nn.Module, DDPEngine]:
     """DDP over the model (masks excluded, no buffer broadcast, masked all-reduce hook),
-    or the model itself in one process; and the step plumbing for the trainer."""
+    or the model itself in one process; and the engine the trainer's step calls."""
     if not dist_info.distributed:
-        return model, GradSync(model, dist_info)
+        return model, DDPEngine(model, dist_info, model)
     DDP._set_params_and_buffers_to_ignore_for_model(model, mask_buffer_names(model))
     device_ids = [dist_info.local_rank] if dist_info.device.type == "cuda" else None
     # No buffer broadcast at each forward (see the module docstring); newer torch renames
@@ -111,4 +174,4 @@ def wrap_model(
     if engine.compact_allreduce:
         hook = MaskedAllReduceState(model, max_density=engine.compact_max_density)
         ddp.register_comm_hook(hook, masked_allreduce_hook)
-    return ddp, GradSync(model, dist_info, hook)
+    return ddp, DDPEngine(model, dist_info, ddp, hook)

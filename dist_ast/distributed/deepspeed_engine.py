@@ -6,7 +6,8 @@ calls does not see the model's parameters but flat fp32 partitions (each rank ow
 slice of the concatenation of a parameter group), and it is called once per group.
 Our choice: **masks as flat partitions**. The client optimizer is
 :class:`PartitionMaskedSGD`, a :class:`~dist_ast.sparsity.optim.MaskedSGD` that, inside
-``step()``, works on exactly the tensors DeepSpeed hands it:
+``step()``, runs the trainer's update (``Trainer.update``: mask, non-finite check, GC,
+masked step) on a :class:`PartitionGrads` view of exactly the tensors DeepSpeed hands it:
 
 1. it maps each model parameter to the fragment of the flat partition it owns
    (DeepSpeed's own ``_hp_mapping``: the fragment's start in the parameter and in the
@@ -35,17 +36,15 @@ whole sparse gradient in one call. Joint training is not supported by this engin
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from dist_ast.config import ConfigError, RunConfig
-from dist_ast.distributed.ddp import GradSync
+from dist_ast.distributed.engine import Engine, Update
 from dist_ast.distributed.mask_sync import verify_masks
 from dist_ast.distributed.setup import DistInfo, free_port, process_group_backend
-from dist_ast.sparsity.gradient_correction import GradientCorrection
 from dist_ast.sparsity.layers import SwitchableBatchNorm2d
 from dist_ast.sparsity.model import SubnetModel
 from dist_ast.sparsity.optim import MaskedSGD
@@ -94,26 +93,14 @@ class _Segment:
     n: int
 
 
-@dataclass
-class StepPlan:
-    """What one ``step()`` must do; set by :class:`DeepSpeedSync` before ``engine.step()``."""
-
-    subnet: int
-    group_start: bool
-    gc: GradientCorrection | None
-    capture_dense: bool
-    dense: list[torch.Tensor] | None = None  # filled on capture steps
-    conflicted: bool = False
-    ran: bool = False  # False when DeepSpeed skipped the step (fp16 overflow)
-
-
 class PartitionMaskedSGD(MaskedSGD):
     """MaskedSGD that DeepSpeed may call on flat fp32 partitions (see module docstring)."""
 
     def __init__(self, model: SubnetModel, params, **kwargs) -> None:
         super().__init__(params, **kwargs)
         self.model = model
-        self.plan: StepPlan | None = None
+        self.on_step: Update | None = None  # the trainer's update, set around engine.step()
+        self.results: list[tuple[PartitionGrads, object]] = []
         self.reduce_group: object | None = None  # set when gradients are partitioned
         self.partitioned = False
         self._segments: dict[int, list[_Segment]] = {}  # id(flat tensor) -> segments
@@ -125,6 +112,7 @@ class PartitionMaskedSGD(MaskedSGD):
             for p in (m.weight, m.bias)
         }
         self._mask_cache: dict[tuple[int, int], tuple] = {}
+        self.capture_dense = False  # this step's regrowth needs the dense gradient
         # build_param_groups puts every sparse weight in group 0; a key in the group (not
         # the dict's identity) survives DeepSpeed's regrouping and checkpoint loads.
         self.param_groups[0]["ast_sparse"] = True
@@ -201,34 +189,16 @@ class PartitionMaskedSGD(MaskedSGD):
     # -- the step -----------------------------------------------------------------------
     @torch.no_grad()
     def step(self, update_masks=None, closure=None) -> None:  # type: ignore[override]
-        plan = self.plan
-        if plan is None:
+        """DeepSpeed's call (once per parameter group it steps): the trainer's update on
+        the flat partitions."""
+        if self.on_step is None:
             raise RuntimeError(
-                "PartitionMaskedSGD.step() without a plan: under engine=deepspeed the trainer "
-                "sets the active sub-net before engine.step(); plain SGD would move every weight"
+                "PartitionMaskedSGD.step() outside the trainer's step: under engine=deepspeed "
+                "the trainer's update runs inside engine.step(); plain SGD would move every "
+                "weight"
             )
-        plan.ran = True
-        flats = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        masks = {id(p): self._flat_masks(p, plan.subnet) for p in flats}
-        if plan.capture_dense and self._has_sparse_group():
-            plan.dense = self._dense_sparse_grads(flats)
-        for p in flats:
-            upd = masks[id(p)][0]
-            if upd is not None:
-                p.grad.mul_(upd)
-        if plan.gc is not None and self._has_sparse_group():
-            gc_flats = [p for p in flats if masks[id(p)][1] is not None]
-            grads = [p.grad for p in gc_flats]
-            gc_masks = [masks[id(p)][1] for p in gc_flats]
-            if not grads:  # this rank's partition holds no sparse weight: still join the sum
-                grads = [torch.zeros(1, device=flats[0].device)]
-                gc_masks = [torch.zeros(1, dtype=torch.bool, device=flats[0].device)]
-            corrected, plan.conflicted = plan.gc(
-                grads, gc_masks, plan.group_start, reduce_group=self._gc_reduce_group()
-            )
-            for p, g in zip(gc_flats, corrected, strict=False):
-                p.grad = g
-        super().step({p: masks[id(p)][0] for p in flats if masks[id(p)][0] is not None})
+        grads = PartitionGrads(self)
+        self.results.append((grads, self.on_step(grads)))
 
     def _has_sparse_group(self) -> bool:
         return any(g.get("ast_sparse", False) for g in self.param_groups)
@@ -272,62 +242,97 @@ class PartitionMaskedSGD(MaskedSGD):
                         buf.view(-1)[s.hp : s.hp + s.n].masked_fill_(sel, 0.0)
 
 
-@dataclass
-class DeepSpeedSync(GradSync):
-    """The trainer's step under DeepSpeed: backward, all-reduce and the masked step."""
+class PartitionGrads:
+    """This rank's flat fp32 partitions (all-reduced, averaged, unscaled) as one call of
+    DeepSpeed's optimizer step sees them: masks m_k for sparse weights, row k for
+    switchable BatchNorm, everything for the rest; GC sums its dot products over the
+    reduce group when the partitions are disjoint."""
 
-    engine: object = None
-    optimizer: PartitionMaskedSGD | None = None
-    comm_bytes: list[int] = field(default_factory=list)
-    owns_step = True
+    finite = None  # DeepSpeed skips an overflowing fp16 step before calling the optimizer
 
-    def update_masks(self, updater, k, step, dense_grads, optimizer) -> int:  # noqa: ANN001
-        reset = super().update_masks(updater, k, step, dense_grads, optimizer)
-        assert self.optimizer is not None
+    def __init__(self, opt: PartitionMaskedSGD) -> None:
+        self.opt = opt
+        self.flats = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        self.holds_sparse = opt._has_sparse_group()
+        self.reduce_group = opt._gc_reduce_group()
+        self.masks: dict[int, tuple] = {}
+        self.dense: list[torch.Tensor] | None = None
+
+    def mask(self, subnets: list[int]) -> None:
+        (k,) = subnets  # RunConfig refuses ast.mode=joint with engine=deepspeed
+        self.masks = {id(p): self.opt._flat_masks(p, k) for p in self.flats}
+        if self.opt.capture_dense and self.holds_sparse:
+            self.dense = self.opt._dense_sparse_grads(self.flats)
+        for p in self.flats:
+            upd = self.masks[id(p)][0]
+            if upd is not None:
+                p.grad.mul_(upd)
+
+    def checked(self) -> list[torch.Tensor]:
+        return []  # the loss only (train.nonfinite=stop; fp16 overflow is DeepSpeed's)
+
+    def sparse(self, k: int) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        if not self.holds_sparse:
+            return None
+        gc_flats = [p for p in self.flats if self.masks[id(p)][1] is not None]
+        if not gc_flats:  # this rank's partition holds no sparse weight: still join the sum
+            device = self.flats[0].device
+            zero = torch.zeros(1, device=device)
+            return [zero], [torch.zeros(1, dtype=torch.bool, device=device)]
+        return [p.grad for p in gc_flats], [self.masks[id(p)][1] for p in gc_flats]
+
+    def step(self, subnets: list[int]) -> None:
+        masks = {p: self.masks[id(p)][0] for p in self.flats if self.masks[id(p)][0] is not None}
+        MaskedSGD.step(self.opt, masks)
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed: its engine runs forward, backward (reduce-scatter) and the step."""
+
+    def __init__(
+        self,
+        model: SubnetModel,
+        dist: DistInfo,
+        engine,
+        optimizer: PartitionMaskedSGD,  # noqa: ANN001
+    ) -> None:
+        self.model, self.dist = model, dist
+        self.engine, self.optimizer = engine, optimizer  # checkpoint.py saves/loads these
+        self.dense: list[torch.Tensor] | None = None
+
+    def begin_step(self, dense_subnets: list[int]) -> None:
+        self.optimizer.capture_dense = bool(dense_subnets)
+        self.dense = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.engine(x.to(next(self.model.parameters()).dtype))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self, update: Update) -> tuple[bool, torch.Tensor | bool | None]:
+        """engine.step() calls the trainer's update once per parameter group; the result
+        is the sparse group's. (False, …) when DeepSpeed skipped the step (fp16 overflow)."""
+        opt = self.optimizer
+        opt.on_step, opt.results = update, []
+        try:
+            self.engine.step()
+        finally:
+            opt.on_step = None
+        results, opt.results = opt.results, []
+        out: torch.Tensor | bool | None = False
+        for grads, result in results:
+            if grads.holds_sparse:
+                out, self.dense = result, grads.dense
+        return bool(results), out
+
+    def dense_grads(self, subnets: list[int], k: int) -> list[torch.Tensor] | None:
+        """Assembled from every rank's partition on a capture step (None: the step was
+        skipped by DeepSpeed's overflow check; the update only prunes)."""
+        return self.dense
+
+    def masks_changed(self, k: int) -> None:
         self.optimizer.masks_changed()
-        return reset
-
-    def train_step(self, trainer, x: torch.Tensor, y: torch.Tensor, lr: float, updating) -> dict:  # noqa: ANN001
-        """One AST step (alternating) through the DeepSpeed engine; same record as DDP's."""
-        step, schedule, model = trainer.step, trainer.schedule, self.model
-        engine, opt = self.engine, self.optimizer
-        assert opt is not None
-        k = schedule.active_subnet(step)
-        opt.plan = StepPlan(
-            subnet=k,
-            group_start=schedule.is_group_start(step),
-            gc=trainer.gc if trainer.checks_conflicts else None,
-            capture_dense=bool(updating),
-        )
-        model.set_subnet(k)
-        with trainer.autocast():
-            logits = engine(x.to(next(model.parameters()).dtype))
-            loss = F.cross_entropy(
-                logits.float(), y, label_smoothing=trainer.config.optim.label_smoothing
-            )
-        engine.backward(loss)
-        engine.step()
-        plan, opt.plan = opt.plan, None
-        self.end_step()
-        trainer.flops.add_step([k])  # at the masks this step ran with (rule 11)
-        for j in updating:
-            dense = plan.dense
-            if not plan.ran:
-                log.warning(
-                    "step %d skipped by DeepSpeed (overflow): sub-net %d only prunes", step, j
-                )
-            reset = self.update_masks(trainer.updater, j, step, dense, opt)
-            trainer.mask_updates.append({"step": step, "subnet": j, "reset": reset})
-        if updating:
-            trainer.flops.refresh(model)
-        return {
-            "loss": float(loss.detach()),
-            "lr": lr,
-            "subnet": k,
-            "mask_update": updating or None,
-            "gc_conflict": plan.conflicted,
-            "comm_bytes": None,
-        }
 
 
 def build_param_groups(model: SubnetModel, weight_decay: float) -> list[dict]:
@@ -356,9 +361,10 @@ def _init_single_process_group(device: torch.device) -> None:
 
 def wrap_deepspeed(
     model: SubnetModel, optimizer: MaskedSGD, dist_info: DistInfo, config: RunConfig
-) -> tuple[torch.nn.Module, DeepSpeedSync, PartitionMaskedSGD]:
-    """``deepspeed.initialize`` with our optimizer; returns (engine, step plumbing, optimizer).
-    RunConfig has refused what DeepSpeed cannot run (joint mode, mixed precision at ZeRO 0)."""
+) -> tuple[torch.nn.Module, DeepSpeedEngine, PartitionMaskedSGD]:
+    """``deepspeed.initialize`` with our optimizer; returns (DeepSpeed's engine, ours, the
+    optimizer). RunConfig has refused what DeepSpeed cannot run (joint mode, mixed
+    precision at ZeRO 0)."""
     try:
         import deepspeed
     except ImportError as e:  # pragma: no cover - depends on the install
@@ -386,7 +392,7 @@ def wrap_deepspeed(
     partitioned = engine.zero_optimization_stage() > 0
     client.link(partitioned=partitioned, reduce_group=getattr(ds_opt, "dp_process_group", None))
     verify_masks(model)
-    sync = DeepSpeedSync(model, dist_info, engine=engine, optimizer=client)
+    sync = DeepSpeedEngine(model, dist_info, engine, client)
     log.info(
         "DeepSpeed ZeRO-%d (%s), optimizer %s over %s",
         engine.zero_optimization_stage(),
