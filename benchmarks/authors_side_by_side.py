@@ -177,8 +177,9 @@ def _cpu_shims() -> None:
         try:
             __import__(name)
         except ImportError:
-            stub = types.ModuleType(name)
+            stub: Any = types.ModuleType(name)
             stub.__spec__ = importlib.machinery.ModuleSpec(name, None)
+            stub.tabulate = lambda rows, headers=(), **_: "\n".join(map(str, [headers, *rows]))
             sys.modules[name] = stub
 
 
@@ -203,11 +204,14 @@ def authors_stepper(
     offset: int,
     ramp_end_epoch: int,
     pc_grad: bool,
+    start_step: int,
 ) -> Callable[[int], None]:
     """``f(n)``: n consecutive training steps of the authors' ``trainIter`` (their AST
     step: switch, forward/backward, mask step with prune-and-regrow when due, gradient
     masking, optional ``--pc_grad``, accuracy and sparsity bookkeeping, SGD step),
-    continuing the global step count across calls."""
+    continuing the global step count across calls from ``start_step`` (their counters
+    set as after that many steps: the global count, each sub-net's own count, the regrow
+    fraction's scheduler)."""
     import torch
     from torch import nn
 
@@ -235,6 +239,11 @@ def authors_stepper(
                 offset=offset)  # fmt: skip
     mask.reg_masks(train=True)
     total_iter = AverageMeter()
+    total_iter.val = start_step
+    n_sub = len(slist)
+    mask.steps = [max(0, -(-(start_step - k) // n_sub)) for k in range(n_sub)]
+    for _ in range(start_step):
+        decay.step()
     criterion = nn.CrossEntropyLoss()
     pos = [0]
 
@@ -258,6 +267,7 @@ def ours_stepper(
     stagger: int,
     ramp_end_epoch: int,
     run_dir: str,
+    start_step: int,
 ) -> Callable[[int], None]:
     """``f(n)``: n consecutive ``Trainer.train_step`` calls of ``python -m
     dist_ast.train experiment=r20_cifar_ast`` (with this model and in-memory data of the
@@ -272,6 +282,7 @@ def ours_stepper(
             f"model={model}",
             "data=synthetic",
             f"data.synthetic_size={train_size}",
+            "data.image_size=32",
             f"train.epochs={epochs}",
             f"ast.update_every={update_every}",
             f"ast.stagger={stagger}",
@@ -284,6 +295,7 @@ def ours_stepper(
     )
     trainer = build_trainer(cfg, init_distributed("cpu"))
     trainer.model.train()
+    trainer.step = start_step
     log_every = cfg.train.log_every
     pos = [0]
 
@@ -304,7 +316,8 @@ def time_steps(args: argparse.Namespace) -> list[dict[str, Any]]:
     each implementation (order alternating by round), both continuing their own run from
     where the last round stopped, so round r of both covers the same global steps and
     therefore the same scheduled mask updates (ΔT = 150 global steps, Δτ = 10 own steps
-    = 30 global; ``--rounds`` x ``--round-steps`` should be a multiple of ΔT). The ratio
+    = 30 global; with ``--start-step`` a multiple of ΔT and ``--rounds`` x
+    ``--round-steps`` one, the timed steps hold 3 updates per ΔT, as training does). The ratio
     of a round is ours/theirs over the same steps; the table gives the median of the
     per-round ratios and its interquartile range, for wall and process CPU time."""
     import torch
@@ -326,12 +339,14 @@ def time_steps(args: argparse.Namespace) -> list[dict[str, Any]]:
                 ours_model, batches=batches, train_size=args.train_size, epochs=args.epochs,
                 update_every=args.update_every, stagger=args.offset * len(SPARSITIES),
                 ramp_end_epoch=args.ramp_end_epoch, run_dir=f"runs/bench/authors/{name}",
+                start_step=args.start_step - args.warmup,
             ),
             "authors": authors_stepper(
                 Path(args.authors_dir), theirs_model, batches=batches,
                 steps_per_epoch=-(-args.train_size // args.batch_size), epochs=args.epochs,
                 update_every=args.update_every, offset=args.offset,
                 ramp_end_epoch=args.ramp_end_epoch, pc_grad=args.pc_grad,
+                start_step=args.start_step - args.warmup,
             ),
         }  # fmt: skip
         for f in fns.values():  # warm-up (allocator, first-call costs), untimed
@@ -434,6 +449,13 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--rounds", type=int, default=6)
     m.add_argument("--round-steps", type=int, default=50)
     m.add_argument("--warmup", type=int, default=3, help="untimed steps of each first")
+    m.add_argument(
+        "--start-step",
+        type=int,
+        default=150,
+        help="global step of the first timed step (both runs start there, from dense masks; "
+        "the first mask update is at ΔT)",
+    )
     m.add_argument("--threads", type=int, default=1)
     m.add_argument("--pc-grad", action="store_true", help="the authors' --pc_grad (their GC)")
     m.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
