@@ -55,7 +55,11 @@ class TrainJob(submitit.helpers.Checkpointable):
 
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            # overwrite: a MASTER_ADDR/RANK left in the submitting shell's environment
+            # (a torchrun or an earlier job) is stale here; submitit's values are the job's.
+            submitit.helpers.TorchDistributedEnvironment().export(
+                set_cuda_visible_devices=False, overwrite=True
+            )
         logging.basicConfig(level=logging.INFO)
         config = compose_config(self.overrides)
         try:

@@ -43,6 +43,24 @@ if _REPO not in sys.path:
 
 from tests import ckpt_utils, data_utils  # noqa: E402
 
+LAUNCH_VARIABLES = (
+    "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _launch_environment_restored():
+    """dist_ast.distributed.setup.init_distributed exports the launcher's variables into
+    os.environ; a test that runs it in-process must not leave them to the next test's
+    children (an sbatch or a submitit job would inherit a stale MASTER_ADDR/PORT)."""
+    saved = {k: os.environ.get(k) for k in LAUNCH_VARIABLES}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
 
 @pytest.fixture
 def rng(request: pytest.FixtureRequest) -> random.Random:

@@ -175,16 +175,24 @@ def requeue(job_id: int, timeout: float = 60) -> None:
     release(job_id, timeout)
 
 
+def _node_completing() -> bool:
+    """The node still cleans up a job's last run (slurmd refuses to relaunch a requeued
+    batch job until then: "Job N already killed, do not launch batch job")."""
+    r = _run(["sinfo", "-h", "-N", "-o", "%T"])
+    return "comp" in r.stdout.lower()
+
+
 def release(job_id: int, timeout: float = 60) -> None:
     """Start a requeued job now instead of after Slurm's ~2 minute hold (BeginTime).
 
-    Waits until the job is PENDING, then `scontrol update StartTime=now`; returns when
+    Waits until the job is PENDING and the node has finished cleaning up its last run,
+    then `scontrol update StartTime=now`; returns when
     that succeeded, or when the job runs again after a refused update."""
     deadline = time.monotonic() + timeout
     err = ""
     while time.monotonic() < deadline:
         st = state(job_id)
-        if st == "PENDING":
+        if st == "PENDING" and not _node_completing():
             r = _run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"])
             if r.returncode == 0:
                 return

@@ -184,7 +184,7 @@ def test_default_output_is_benchmarks_md_in_the_working_directory(tmp_path, monk
 
 
 def test_benchmarks_stay_out_of_the_wheel():
-    tomllib = pytest.importorskip("tomllib")
+    import tomllib
     from setuptools import find_packages
 
     find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]

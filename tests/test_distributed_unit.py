@@ -276,7 +276,7 @@ def test_init_distributed_on_cuda_uses_nccl_with_gloo_and_checks_gpus(
 
     calls: list[str] = []
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(backend))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(backend))
     monkeypatch.setattr(dist, "get_backend", lambda: calls[-1])
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(f"set_device {i}"))
