@@ -190,9 +190,16 @@ def release(job_id: int, timeout: float = 60) -> None:
     that succeeded, or when the job runs again after a refused update."""
     deadline = time.monotonic() + timeout
     err = ""
+    pending_since = None
     while time.monotonic() < deadline:
         st = state(job_id)
-        if st == "PENDING" and not _node_completing():
+        if st == "PENDING" and pending_since is None:
+            pending_since = time.monotonic()
+        # slurmd revokes a killed job's credentials with 1 s granularity: a relaunch in the
+        # same second as the requeue is refused ("Job credential revoked", the job FAILS).
+        # Slurm's own ~2 minute BeginTime hold exists for this; 2 s is enough.
+        settled = pending_since is not None and time.monotonic() - pending_since >= 2.0
+        if st == "PENDING" and settled and not _node_completing():
             r = _run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"])
             if r.returncode == 0:
                 return
