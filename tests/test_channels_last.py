@@ -6,14 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_ast.cli import compose_config
 from dist_ast.config import ModelConfig
-from dist_ast.distributed.setup import DistInfo
 from dist_ast.models import build_subnet_model
 from dist_ast.sparsity.layers import SubnetConv2d, memory_order
-from dist_ast.train import build_trainer
+from tests.trainer_utils import DEMO40, cpu_trainer
 
-CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 CL = torch.channels_last
 
 
@@ -52,21 +49,8 @@ def test_memory_order_follows_the_strides_of_its_reference() -> None:
     assert torch.equal(memory_order(w, like=w.contiguous()), w.reshape(-1))
 
 
-SHORT = [
-    "experiment=demo",
-    "train.max_steps=40",
-    "train.batch_size=32",
-    "model.width=8",
-    "train.progress=false",
-    "ast.ramp_end_epoch=0.5",
-    "ast.update_every=12",
-    "ast.stagger=4",
-]
-
-
 def train(tmp_path, channels_last: bool, steps: int):
-    cfg = compose_config([*SHORT, f"run_dir={tmp_path}", f"train.channels_last={channels_last}"])
-    trainer = build_trainer(cfg, CPU)
+    trainer = cpu_trainer(DEMO40, tmp_path, f"train.channels_last={channels_last}")
     trainer.batches = iter(trainer.loaders.train)
     return run_more(trainer, steps)
 

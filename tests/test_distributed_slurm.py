@@ -15,10 +15,7 @@ from pathlib import Path
 
 import pytest
 
-try:
-    from tests.slurm_utils import require_slurm
-except ImportError:  # tests/ itself on sys.path
-    from slurm_utils import require_slurm
+from tests.slurm_utils import require_slurm
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(240)]
 

@@ -15,30 +15,14 @@ import math
 import pytest
 import torch
 
-from dist_ast.cli import compose_config
-from dist_ast.distributed.setup import DistInfo
 from dist_ast.sparsity.prune_regrow import global_magnitude_prune
-from dist_ast.train import build_trainer
+from tests.trainer_utils import RAMP60, cpu_trainer
 
-CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-
-FP16 = [
-    "experiment=demo",
-    "train.precision=fp16",
-    "train.max_steps=60",
-    "train.batch_size=32",
-    "data.image_size=16",
-    "model.width=8",
-    "train.progress=false",
-    "ast.ramp_start_epoch=0",
-    "ast.ramp_end_epoch=1",
-    "ast.update_every=12",
-    "ast.stagger=4",
-]
+FP16 = [*RAMP60, "train.precision=fp16"]
 
 
 def make_trainer(tmp_path, *extra):
-    trainer = build_trainer(compose_config([*FP16, f"run_dir={tmp_path}", *extra]), CPU)
+    trainer = cpu_trainer(FP16, tmp_path, *extra)
     assert trainer.scaler is not None
     return trainer
 

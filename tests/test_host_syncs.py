@@ -18,24 +18,7 @@ from unittest import mock
 import pytest
 import torch
 
-from dist_ast.cli import compose_config
-from dist_ast.distributed.setup import DistInfo
-from dist_ast.train import build_trainer
-
-CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-
-TINY = [
-    "experiment=demo",
-    "train.max_steps=60",
-    "train.batch_size=32",
-    "data.image_size=16",
-    "model.width=8",
-    "train.progress=false",
-    "ast.ramp_start_epoch=0",
-    "ast.ramp_end_epoch=1",
-    "ast.update_every=12",
-    "ast.stagger=4",
-]
+from tests.trainer_utils import RAMP60, cpu_trainer
 
 READS = ("item", "__float__", "__bool__", "__int__", "__index__", "tolist", "numpy")
 
@@ -60,7 +43,7 @@ def count_host_reads():
 
 
 def make_trainer(tmp_path, *extra):
-    return build_trainer(compose_config([*TINY, f"run_dir={tmp_path}", *extra]), CPU)
+    return cpu_trainer(RAMP60, tmp_path, *extra)
 
 
 def ordinary(trainer) -> bool:

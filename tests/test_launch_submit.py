@@ -13,10 +13,7 @@ from pathlib import Path
 
 import pytest
 
-try:
-    from tests import ckpt_utils as cu
-except ImportError:  # plain `pytest` without the repo root on sys.path
-    import ckpt_utils as cu
+from tests import ckpt_utils as cu
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

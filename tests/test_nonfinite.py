@@ -9,24 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_ast.cli import compose_config
-from dist_ast.distributed.setup import DistInfo
 from dist_ast.errors import EXIT_NONFINITE
 from dist_ast.nonfinite import NonFiniteError, nonfinite
-from dist_ast.train import build_trainer
 from tests.cli_utils import TINY, assert_one_line, dist_ast_train
-
-CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-SHORT = [
-    "experiment=demo",
-    "model.width=8",
-    "train.batch_size=32",
-    "train.max_steps=40",
-    "train.progress=false",
-    "ast.ramp_end_epoch=0.5",
-    "ast.update_every=12",
-    "ast.stagger=4",
-]
+from tests.trainer_utils import DEMO40, cpu_trainer
 
 
 def test_the_flag_sees_inf_and_nan_in_the_loss_and_in_any_gradient() -> None:
@@ -59,9 +45,7 @@ def run_steps(trainer, batches, n: int, poison: set[int] = frozenset()) -> list[
 
 
 def test_skip_drops_the_step_and_leaves_every_state_bit_identical(tmp_path: Path) -> None:
-    trainer = build_trainer(
-        compose_config([*SHORT, f"run_dir={tmp_path}", "train.nonfinite=skip"]), CPU
-    )
+    trainer = cpu_trainer(DEMO40, tmp_path, "train.nonfinite=skip")
     batches = iter(trainer.loaders.train)
     run_steps(trainer, batches, 13)  # past the first mask updates, GC and momentum live
     before, checked, conflicts = state(trainer), trainer.gc.steps_checked, trainer.gc.conflicts
@@ -81,12 +65,7 @@ def test_skip_drops_the_step_and_leaves_every_state_bit_identical(tmp_path: Path
 
 
 def test_skip_gives_up_after_max_skipped_consecutive_steps(tmp_path: Path) -> None:
-    trainer = build_trainer(
-        compose_config(
-            [*SHORT, f"run_dir={tmp_path}", "train.nonfinite=skip", "train.max_skipped=2"]
-        ),
-        CPU,
-    )
+    trainer = cpu_trainer(DEMO40, tmp_path, "train.nonfinite=skip", "train.max_skipped=2")
     batches = iter(trainer.loaders.train)
     run_steps(trainer, batches, 2, poison={0, 1})
     with pytest.raises(NonFiniteError, match=r"step 2 .*3 consecutive .*max_skipped=2"):
@@ -96,7 +75,7 @@ def test_skip_gives_up_after_max_skipped_consecutive_steps(tmp_path: Path) -> No
 def test_stop_raises_before_the_mask_update_ranks_nan(tmp_path: Path) -> None:
     """The default: a poisoned step is remembered on the device; the next mask update
     (which would rank NaN magnitudes) stops the run naming that step."""
-    trainer = build_trainer(compose_config([*SHORT, f"run_dir={tmp_path}"]), CPU)
+    trainer = cpu_trainer(DEMO40, tmp_path)
     batches = iter(trainer.loaders.train)
     run_steps(trainer, batches, 14, poison={13})
     masks = [m.clone() for m in trainer.model.masks(0)]

@@ -12,11 +12,7 @@ from pathlib import Path
 import pytest
 
 from dist_ast.checkpoint import complete_checkpoints
-
-try:
-    from tests import ckpt_utils as cu
-except ImportError:  # plain `pytest` without the repo root on sys.path
-    import ckpt_utils as cu
+from tests import ckpt_utils as cu
 
 
 def _children(pid: int) -> list[int]:

@@ -16,11 +16,7 @@ import time
 import pytest
 
 from dist_ast.distributed.setup import free_port
-
-try:
-    from tests.slurm_utils import requeue, require_slurm, submit, wait, wait_for
-except ImportError:  # plain `pytest` without the repo root on sys.path
-    from slurm_utils import requeue, require_slurm, submit, wait, wait_for
+from tests.slurm_utils import requeue, require_slurm, submit, wait, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

@@ -22,30 +22,17 @@ from pathlib import Path
 
 import pytest
 
-try:
-    from tests import ckpt_utils as cu
-    from tests.slurm_utils import (
-        exit_code,
-        release,
-        requeue,
-        require_slurm,
-        signal_batch,
-        state,
-        submit,
-        wait,
-    )
-except ImportError:  # plain `pytest` without the repo root on sys.path
-    import ckpt_utils as cu
-    from slurm_utils import (
-        exit_code,
-        release,
-        requeue,
-        require_slurm,
-        signal_batch,
-        state,
-        submit,
-        wait,
-    )
+from tests import ckpt_utils as cu
+from tests.slurm_utils import (
+    exit_code,
+    release,
+    requeue,
+    require_slurm,
+    signal_batch,
+    state,
+    submit,
+    wait,
+)
 
 FINISHED = {
     "COMPLETED",

@@ -49,3 +49,17 @@ def test_hypothesis_profile_has_no_deadline_and_is_derandomized():
     s = settings.default  # conftest.py loads the "dist_ast" profile
     assert s.deadline is None
     assert s.derandomize and s.database is None
+
+
+def test_no_import_fallbacks_helpers_import_as_tests_modules():
+    """``pythonpath = ["."]`` (pyproject) puts the repository root on sys.path for every
+    way of running pytest, so a ``try/except ImportError`` fallback hides a real error."""
+    offenders = [
+        f"{f.name}:{node.lineno}"
+        for f in sorted(TESTS.glob("*.py"))
+        for node in ast.walk(ast.parse(f.read_text()))
+        if isinstance(node, ast.ExceptHandler)
+        and isinstance(node.type, ast.Name)
+        and node.type.id in ("ImportError", "ModuleNotFoundError")
+    ]
+    assert not offenders, offenders

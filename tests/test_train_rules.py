@@ -5,33 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_ast.cli import compose_config
-from dist_ast.distributed.setup import DistInfo
 from dist_ast.sparsity import SwitchableBatchNorm2d
 from dist_ast.sparsity.updater import MaskUpdater
-from dist_ast.train import build_trainer
+from tests.trainer_utils import RAMP60, cpu_trainer
 
-CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-
-SHORT = [
-    "experiment=demo",
-    "train.max_steps=60",
-    "train.batch_size=32",
-    "data.image_size=16",
-    "model.width=8",
-    "train.progress=false",
-    "ast.ramp_start_epoch=0",
-    "ast.ramp_end_epoch=1",  # 46 steps at batch 32
-    "ast.update_every=12",
-    "ast.stagger=4",
-    "optim.weight_decay=1e-3",
-    "optim.nesterov=true",
-]
+SHORT = [*RAMP60, "optim.weight_decay=1e-3", "optim.nesterov=true"]
 
 
 def make_trainer(tmp_path, *extra):
-    cfg = compose_config([*SHORT, f"run_dir={tmp_path}", *extra])
-    return build_trainer(cfg, CPU)
+    return cpu_trainer(SHORT, tmp_path, *extra)
 
 
 def run_steps(trainer, n, hook=None):
