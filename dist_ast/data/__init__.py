@@ -2,18 +2,11 @@
 has ``len()`` = batches per epoch (equal on every rank), and ``state_dict()`` /
 ``load_state_dict()`` for its position, so a checkpoint can resume it exactly.
 
-``build_loaders`` is the one factory that chooses the loader. The modules below it:
-
-- ``shardset``: the shard directory's format and reading side (manifest, index, checks,
-  global numbering, rank slices, batches per epoch, the sequential sample reader);
-- ``transforms``: decoding and augmentation (normalization constants, recipes, seeds);
-- ``writer``: writing, verifying and re-indexing shards; ``shards``: its CLI
-  (``python -m dist_ast.data.shards``), imported by nothing;
-- ``wds``, ``dali``: the two shard loaders; ``memory``, ``digits``, ``synthetic``: the
-  in-memory data.
-
-Loaders import ``shardset`` and ``transforms``, never each other and never this package;
-tests/test_architecture.py checks that the imports have no cycle and no private names.
+``build_loaders`` is the one factory that chooses the loader. Below it: ``shardset``
+(the shard format and reading side), ``transforms`` (decoding, augmentation), ``writer``
+and its CLI ``shards``, the loaders ``wds`` and ``dali``, and the in-memory ``memory``,
+``digits``, ``synthetic``. Loaders import ``shardset`` and ``transforms``, never each
+other nor this package (tests/test_architecture.py).
 """
 
 from __future__ import annotations

@@ -1,20 +1,12 @@
 """The DALI loader (``data.loader=dali``): ``fn.readers.webdataset`` over the shard
 directory, JPEG decoding fused with the random crop, on the GPU (``mixed``) when the
-device is CUDA and on the CPU (``device_id=None``) otherwise.
+device is CUDA and on the CPU otherwise.
 
-Epoch definition: as the wds loader (see dist_ast/data/wds.py and docs/data.md). Rank r
-reads its contiguous slice (``shard_id=r, num_shards=W``, ``stick_to_shard=True``) as an
-endless stream through DALI's shuffle buffer (``initial_fill`` samples); an epoch is the
-next B = N // (W*b) batches of that stream on every rank, so all ranks step together
-and never share a sample. Resume: the position is (epoch, batches consumed) plus DALI's
-own checkpoint (``enable_checkpointing=True``), held as a uint8 tensor; a rebuilt
-pipeline continues with bit-identical batches.
-
-Bad data: a missing label, a missing or truncated shard or a stale index fail before the
-pipeline starts (dist_ast.data.shardset.ShardSet). DALI cannot skip an undecodable JPEG:
-the pipeline stops, and the loader finds the culprit near the reader's position with
-PIL and raises a ShardError naming the shard and key (``--verify`` checks a whole
-directory).
+The epoch is the wds loader's (docs/data.md): rank r reads its slice (``shard_id=r``,
+``stick_to_shard=True``) as an endless stream through DALI's shuffle buffer. The position
+is (epoch, batches consumed) plus DALI's own checkpoint, so a rebuilt pipeline continues
+bit-identically. DALI cannot skip an undecodable JPEG: the pipeline stops, and the loader
+finds the culprit with PIL and raises a ShardError naming shard and key.
 """
 
 from __future__ import annotations
@@ -25,13 +17,7 @@ from typing import Any
 
 import torch
 
-from dist_ast.data.shardset import (
-    ShardError,
-    ShardSet,
-    batches_per_epoch,
-    rank_slice,
-    read_samples,
-)
+from dist_ast.data.shardset import ShardError, ShardSet, SliceLoader, read_cyclic
 from dist_ast.data.transforms import NORM, SMALL, STORED_SMALL_SIZE, decode_jpeg, mix_seed
 
 log = logging.getLogger(__name__)
@@ -215,18 +201,13 @@ def _device_id(device: torch.device) -> int | None:
 def _find_bad_jpeg(shards: ShardSet, lo: int, hi: int, start: int, count: int) -> str | None:
     """Decode slice positions start..start+count (cyclic in [lo, hi)) with PIL; describe
     the first undecodable JPEG."""
-    n = hi - lo
-    count = min(count, n)
-    q = 0
-    while q < count:
-        a = (start + q) % n
-        take = min(count - q, n - a, 256)
-        for key, jpg, _label, tar in read_samples(shards, lo + a, lo + a + take):
+    count = min(count, hi - lo)
+    for run in read_cyclic(shards, lo, hi, start, start + count, chunk=256):
+        for key, jpg, _label, tar in run:
             try:
                 decode_jpeg(jpg)
             except Exception as e:  # noqa: BLE001
                 return f"shard {tar} key {key} ({type(e).__name__}: {e})"
-        q += take
     return None
 
 
@@ -247,40 +228,27 @@ def _decode_error(
     )
 
 
-class DaliTrainLoader:
-    """Endless training batches; ``len()`` = batches per epoch (all ranks)."""
+class DaliTrainLoader(SliceLoader):
+    """Endless training batches (``SliceLoader``'s arguments besides these)."""
+
+    endless = True
 
     def __init__(
         self,
         root: str,
         *,
-        dataset: str,
-        batch_size: int,
-        rank: int,
-        world_size: int,
         seed: int,
-        device: torch.device,
-        image_size: int,
-        num_workers: int,
         rrc_min: float = 0.08,
         fuse_crop: bool = True,
+        **common: Any,
     ) -> None:
-        self.shards = ShardSet(root, "train")
-        self.dataset, self.image_size, self.rrc_min = dataset, image_size, rrc_min
-        self.fuse_crop = fuse_crop
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.seed, self.device = seed, torch.device(device)
-        self.num_threads = max(1, num_workers)
-        self.num_batches = batches_per_epoch(len(self.shards), world_size, batch_size)
-        self.lo, self.hi = rank_slice(len(self.shards), rank, world_size)
+        super().__init__(root, split="train", **common)
+        self.seed, self.rrc_min, self.fuse_crop = seed, rrc_min, fuse_crop
+        self.num_threads = max(1, self.num_workers)
         self.epoch = 0
         self.batches_consumed = 0
         self._checkpoint: bytes | None = None
         self._pipe = self._iter = None
-        self._built_at: tuple[int, int] | None = None
-
-    def __len__(self) -> int:
-        return self.num_batches
 
     def _build(self) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
@@ -301,7 +269,6 @@ class DaliTrainLoader:
             fuse_crop=self.fuse_crop,
         )
         self._iter = DALIGenericIterator([self._pipe], ["x", "y"], auto_reset=False)
-        self._built_at = (self.epoch, self.batches_consumed)
 
     def _stream_pos(self) -> int:
         return (self.epoch * self.num_batches + self.batches_consumed) * self.batch_size
@@ -331,9 +298,6 @@ class DaliTrainLoader:
         window = SHUFFLE_FILL + 4 * self.batch_size
         start = max(0, self._stream_pos() - self.batch_size)
         return _decode_error(e, self.shards, self.lo, self.hi, start, window)
-
-    def stats(self) -> dict[str, int]:
-        return {"bad_samples": 0}
 
     def state_dict(self) -> dict[str, int]:
         """Plain ints: epoch, batches_consumed, and DALI's checkpoint (about 400 bytes) as
@@ -369,34 +333,14 @@ class DaliTrainLoader:
         self._pipe = self._iter = None  # rebuilt from the checkpoint on the next iter()
 
 
-class DaliEvalLoader:
+class DaliEvalLoader(SliceLoader):
     """One pass over the rank's contiguous share of the validation split, no padding."""
 
-    def __init__(
-        self,
-        root: str,
-        *,
-        dataset: str,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        device: torch.device,
-        image_size: int,
-        num_workers: int,
-        split: str = "val",
-    ) -> None:
-        self.shards = ShardSet(root, split)
-        self.dataset, self.image_size = dataset, image_size
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.device = torch.device(device)
-        self.num_threads = max(1, num_workers)
-        self.lo, self.hi = rank_slice(len(self.shards), rank, world_size)
-        self.num_batches = -(-(self.hi - self.lo) // batch_size)
+    def __init__(self, root: str, **common: Any) -> None:
+        super().__init__(root, **common)
+        self.num_threads = max(1, self.num_workers)
         self._iter = None
         self._clean = True
-
-    def __len__(self) -> int:
-        return self.num_batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.num_batches == 0:
@@ -440,6 +384,3 @@ class DaliEvalLoader:
             self._iter = None
             n = self.hi - self.lo
             raise _decode_error(e, self.shards, self.lo, self.hi, done, n) from e
-
-    def stats(self) -> dict[str, int]:
-        return {"bad_samples": 0}

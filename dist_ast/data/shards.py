@@ -5,22 +5,12 @@
     python -m dist_ast.data.shards --verify /data/imagenet-wds
 
 The source is an ImageFolder tree (``train/<class>/<image>`` and ``val/`` or ``test/``,
-class index = sorted class folder names, as torchvision numbers them) or ``digits`` (the
-bundled demo data). Each split is shuffled once with ``--seed`` and cut into shards of
-``--shard-size`` samples: ``train-000000.tar`` ... (the source's ``test/`` becomes
-``val``). Every shard gets a DALI index (``train-000000.idx``, the ``wds2idx`` v1.2
-format), and ``manifest.json`` lists classes, per-shard sample counts, sizes and sha256.
-
-A sample is ``<key>.jpg`` (the source JPEG bytes, re-encoded only when the source is not
-a baseline RGB/grayscale JPEG) and ``<key>.cls`` (the class index as decimal text). Keys
-are the sample's 9-digit position in the shuffled split. Source images that cannot be
-decoded are skipped, logged and listed under ``skipped`` in the manifest.
-
-Rerunning with the same arguments skips completed shards: each shard is written under a
-temporary name and renamed, and recorded in ``.progress.jsonl`` only once complete.
-
-This module is the command line only; the writer is ``dist_ast.data.writer``, the format
-and its checks ``dist_ast.data.shardset``. Nothing imports this module.
+classes numbered as torchvision does) or ``digits`` (the bundled demo data). Each split is
+shuffled once with ``--seed`` and cut into shards of ``--shard-size`` samples, each with a
+DALI index; ``manifest.json`` lists classes, per-shard counts, sizes and sha256. A sample
+is ``<key>.jpg`` (the source bytes unless it is not a baseline JPEG) and ``<key>.cls``;
+undecodable sources are skipped and listed. Rerunning skips completed shards. This
+module is the command line only (the writer is ``dist_ast.data.writer``).
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
 """The reading side of a shard directory, shared by the writer's checks and both
 loaders: the format (``manifest.json``, the ``wds2idx`` v1.2 index), the checks that run
 before any reader starts, the global sample numbering of a split, the epoch arithmetic
-(rank slices, batches per epoch) and the sequential sample reader.
-
-Layering (tests/test_architecture.py): this module imports no other module of
-``dist_ast.data``; the writer (``writer``, CLI ``shards``) and the loaders (``wds``,
-``dali``) import it.
+(rank slices, batches per epoch), the sequential sample reader and the loaders' common
+part. Imports no other module of ``dist_ast.data``.
 """
 
 from __future__ import annotations
@@ -17,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from dist_ast.errors import EXIT_DATA, ExpectedError
 
@@ -286,3 +284,54 @@ def read_samples(shards: ShardSet, g0: int, g1: int) -> list[tuple[str, bytes, i
                     )
                 out.append((key, sample["jpg"], label, tar))
     return out
+
+
+def read_cyclic(
+    shards: ShardSet, lo: int, hi: int, q0: int, q1: int, chunk: int | None = None
+) -> Iterator[list[tuple[str, bytes, int, str]]]:
+    """Positions [q0, q1) of the endless stream that cycles over the slice [lo, hi), as
+    runs of ``read_samples`` (at most ``chunk`` samples each)."""
+    n, q = hi - lo, q0
+    while q < q1:
+        a = q % n
+        take = min(q1 - q, n - a, chunk or n)
+        yield read_samples(shards, lo + a, lo + a + take)
+        q += take
+
+
+class SliceLoader:
+    """What both shard loaders share: split ``split``'s shards, this rank's contiguous
+    slice [lo, hi) and its batches, ``len()``: B = N // (W*b) per epoch for an ``endless``
+    training loader (equal on every rank), the whole slice for an evaluation pass."""
+
+    endless = False
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        dataset: str,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        device: torch.device | str,
+        image_size: int,
+        num_workers: int,
+        split: str = "val",
+    ) -> None:
+        self.shards = ShardSet(root, split)
+        self.dataset, self.image_size, self.num_workers = dataset, image_size, num_workers
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.device = torch.device(device)
+        self.lo, self.hi = rank_slice(len(self.shards), rank, world_size)
+        if self.endless:
+            self.num_batches = batches_per_epoch(len(self.shards), world_size, batch_size)
+        else:
+            self.num_batches = -(-(self.hi - self.lo) // batch_size)
+        self.bad_samples = 0
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def stats(self) -> dict[str, int]:
+        return {"bad_samples": self.bad_samples}

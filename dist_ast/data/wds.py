@@ -1,27 +1,15 @@
 """The webdataset loader (``data.loader=wds``): shards read with webdataset's tar
 iterator, decoded and augmented with PIL + torchvision in DataLoader workers.
 
-Epoch definition (shared with the DALI loader, see docs/data.md): the split's N samples
-are numbered in manifest order (shards in order, samples in tar order; the shard writer
-shuffled them). Rank r of W owns the contiguous slice [N*r//W, N*(r+1)//W), DALI's
-sharding rule, so ranks never share a sample. Every rank runs B = N // (W*b) batches per
-epoch. A rank reads its slice as an endless cyclic stream; epoch e is stream positions
-[e*B*b, (e+1)*B*b), so nothing is dropped for good: the remainder of the slice opens the
-next epoch.
-
-Within a rank, epoch e's B batches are split into contiguous ranges, one per DataLoader
-worker (the first B % n workers get one more). A worker reads its range sequentially,
-in blocks of ``shuffle_batches`` batches; each block is permuted with a seed from (seed,
-epoch, rank, block) and cut into batches; augmentation draws from a generator seeded by
-(seed, epoch, rank, batch). The DataLoader hands out worker batches round-robin, so
-output t of an epoch is worker t % n's (t // n)-th batch. The position is (epoch, batches
-consumed): on resume each worker skips what it had delivered and the worker order is
-rotated, so the resumed loader yields bit-identical batches (given the same worker
-count; a different one resumes at the same count in the new order, with a warning).
-
-Bad data: a JPEG that fails to decode is replaced by another sample of its batch and
-counted (``stats()["bad_samples"]``); a missing label, missing or truncated shard, or
-stale index is a ShardError naming the shard and key.
+The epoch (docs/data.md, shared with DALI): rank r reads its contiguous slice as an
+endless cyclic stream, epoch e being the next B = N // (W*b) batches, so nothing is
+dropped for good. Epoch e's batches are split into contiguous ranges, one per worker;
+a worker permutes blocks of ``shuffle_batches`` batches with a seed from (seed, epoch,
+rank, block) and augments with one from (seed, epoch, rank, batch). The DataLoader
+hands out worker batches round-robin, so on resume each worker skips what it delivered
+and the worker order is rotated: the batches are bit-identical (given the same worker
+count). An undecodable JPEG is replaced by another sample of its batch and counted
+(``stats()["bad_samples"]``); a bad label, shard or index is a ShardError.
 """
 
 from __future__ import annotations
@@ -40,8 +28,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dist_ast.data.shardset import (
     ShardError,
     ShardSet,
-    batches_per_epoch,
-    rank_slice,
+    SliceLoader,
+    read_cyclic,
     read_samples,
 )
 from dist_ast.data.transforms import Normalizer, build_transform, decode_jpeg, mix_seed
@@ -109,16 +97,9 @@ class _TrainSpec:
 
     def read_stream(self, epoch: int, q0: int, q1: int) -> list[tuple[str, bytes, int, str]]:
         """Samples at stream positions [q0, q1) of an epoch's window (cyclic over the slice)."""
-        n = self.hi - self.lo
         base = epoch * self.num_batches * self.batch_size
-        out: list[tuple[str, bytes, int, str]] = []
-        q = q0
-        while q < q1:
-            a = (base + q) % n
-            take = min(q1 - q, n - a)
-            out += read_samples(self.shards, self.lo + a, self.lo + a + take)
-            q += take
-        return out
+        runs = read_cyclic(self.shards, self.lo, self.hi, base + q0, base + q1)
+        return [s for run in runs for s in run]
 
 
 class _EpochStream(IterableDataset):
@@ -155,56 +136,45 @@ class _EpochStream(IterableDataset):
                 yield _make_batch([samples[k] for k in sel], L.transform, seed, L.normalize)
 
 
-class WdsTrainLoader:
-    """Endless training batches over epochs; ``len()`` = batches per epoch (all ranks)."""
+class WdsTrainLoader(SliceLoader):
+    """Endless training batches over epochs (``SliceLoader``'s arguments besides these)."""
+
+    endless = True
 
     def __init__(
         self,
         root: str,
         *,
-        dataset: str,
-        batch_size: int,
-        rank: int,
-        world_size: int,
         seed: int,
-        device: torch.device,
-        image_size: int,
-        num_workers: int,
         rrc_min: float = 0.08,
         shuffle_batches: int | None = None,
+        **common: Any,
     ) -> None:
-        self.shards = ShardSet(root, "train")
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.seed, self.device = seed, torch.device(device)
-        self.num_workers = num_workers
-        self.workers = max(1, num_workers)
-        self.num_batches = batches_per_epoch(len(self.shards), world_size, batch_size)
-        self.lo, self.hi = rank_slice(len(self.shards), rank, world_size)
+        super().__init__(root, split="train", **common)
+        self.seed = seed
+        self.workers = max(1, self.num_workers)
         # shuffle blocks of about 1024 samples per worker (like a 1024-sample buffer)
-        self.shuffle_batches = shuffle_batches or max(1, math.ceil(1024 / batch_size))
+        self.shuffle_batches = shuffle_batches or max(1, math.ceil(1024 / self.batch_size))
+        on_gpu = self.device.type == "cuda"
         self.spec = _TrainSpec(
             shards=self.shards,
             lo=self.lo,
             hi=self.hi,
             num_batches=self.num_batches,
-            batch_size=batch_size,
+            batch_size=self.batch_size,
             seed=seed,
-            rank=rank,
+            rank=self.rank,
             workers=self.workers,
             shuffle_batches=self.shuffle_batches,
-            transform=build_transform(dataset, True, image_size, rrc_min),
-            normalize=None if self.device.type == "cuda" else Normalizer(dataset, self.device),
+            transform=build_transform(self.dataset, True, self.image_size, rrc_min),
+            normalize=None if on_gpu else Normalizer(self.dataset, self.device),
         )
-        self.normalize = Normalizer(dataset, self.device)
+        self.normalize = Normalizer(self.dataset, self.device)
         self.epoch = 0
         self.batches_consumed = 0
-        self.bad_samples = 0
         self._saved_workers = self.workers
         self._stream: _EpochStream | None = None
         self._dl: DataLoader | None = None
-
-    def __len__(self) -> int:
-        return self.num_batches
 
     def read_stream(self, epoch: int, q0: int, q1: int) -> list[tuple[str, bytes, int, str]]:
         return self.spec.read_stream(epoch, q0, q1)
@@ -248,9 +218,6 @@ class WdsTrainLoader:
             self.batches_consumed = 0
             self._saved_workers = self.workers
 
-    def stats(self) -> dict[str, int]:
-        return {"bad_samples": self.bad_samples}
-
     def state_dict(self) -> dict[str, int]:
         return {
             "epoch": self.epoch,
@@ -282,36 +249,17 @@ class _EvalStream(IterableDataset):
             yield _make_batch(samples, L.transform, 0, L.worker_normalize)
 
 
-class WdsEvalLoader:
+class WdsEvalLoader(SliceLoader):
     """One pass over the rank's contiguous share of the validation split, no padding."""
 
-    def __init__(
-        self,
-        root: str,
-        *,
-        dataset: str,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        device: torch.device,
-        image_size: int,
-        num_workers: int,
-        split: str = "val",
-    ) -> None:
-        self.shards = ShardSet(root, split)
-        self.batch_size, self.device = batch_size, torch.device(device)
-        self.lo, self.hi = rank_slice(len(self.shards), rank, world_size)
-        self.num_batches = -(-(self.hi - self.lo) // batch_size)
-        self.num_workers = min(num_workers, self.num_batches)
+    def __init__(self, root: str, **common: Any) -> None:
+        super().__init__(root, **common)
+        self.num_workers = min(self.num_workers, self.num_batches)
         self.workers = max(1, self.num_workers)
-        self.transform = build_transform(dataset, False, image_size, 0.08)
-        self.normalize = Normalizer(dataset, self.device)
+        self.transform = build_transform(self.dataset, False, self.image_size, 0.08)
+        self.normalize = Normalizer(self.dataset, self.device)
         cpu = self.device.type != "cuda"
-        self.worker_normalize = Normalizer(dataset, torch.device("cpu")) if cpu else None
-        self.bad_samples = 0
-
-    def __len__(self) -> int:
-        return self.num_batches
+        self.worker_normalize = Normalizer(self.dataset, torch.device("cpu")) if cpu else None
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.num_batches == 0:
@@ -326,6 +274,3 @@ class WdsEvalLoader:
             self.bad_samples += int(bad)
             x = x.to(self.device)
             yield (self.normalize(x) if x.dtype == torch.uint8 else x), y.to(self.device)
-
-    def stats(self) -> dict[str, int]:
-        return {"bad_samples": self.bad_samples}

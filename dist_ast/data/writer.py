@@ -1,11 +1,7 @@
-"""The shard writer behind ``python -m dist_ast.data.shards`` (the CLI lives in
-``dist_ast.data.shards``; see its docstring and docs/data.md for what is written):
-source listing, JPEG preparation, tar + index writing, the resumable driver
-``write_shards``, the deep check ``verify``, ``reindex``, and ``ensure_digits_shards``
-for the demo data.
-
-Imports the reading side (``dist_ast.data.shardset``) for the format and its checks;
-nothing in ``dist_ast.data`` but the CLI and the loader factory imports this module.
+"""The shard writer behind ``python -m dist_ast.data.shards`` (see that module and
+docs/data.md for what is written): source listing, JPEG preparation, tar + index
+writing, the resumable ``write_shards``, the deep check ``verify``, ``reindex``, and
+``ensure_digits_shards`` for the demo data.
 """
 
 from __future__ import annotations
