@@ -229,21 +229,13 @@ def _decode_error(
 
 
 class DaliTrainLoader(SliceLoader):
-    """Endless training batches (``SliceLoader``'s arguments besides these)."""
+    """Endless training batches (``SliceLoader``'s arguments, and ``fuse_crop``)."""
 
     endless = True
 
-    def __init__(
-        self,
-        root: str,
-        *,
-        seed: int,
-        rrc_min: float = 0.08,
-        fuse_crop: bool = True,
-        **common: Any,
-    ) -> None:
+    def __init__(self, root: str, *, fuse_crop: bool = True, **common: Any) -> None:
         super().__init__(root, split="train", **common)
-        self.seed, self.rrc_min, self.fuse_crop = seed, rrc_min, fuse_crop
+        self.fuse_crop = fuse_crop
         self.num_threads = max(1, self.num_workers)
         self.epoch = 0
         self.batches_consumed = 0

@@ -13,7 +13,21 @@ from collections.abc import Iterator
 import torch
 
 
-class TensorLoader:
+class LoaderPosition:
+    """A loader's position: the epoch and the batches consumed in it."""
+
+    epoch = 0
+    batches_consumed = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.batches_consumed = int(state["batches_consumed"])
+
+
+class TensorLoader(LoaderPosition):
     """Sharded, shuffled, resumable batches of (images, labels) from two tensors."""
 
     def __init__(
@@ -37,8 +51,6 @@ class TensorLoader:
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
         self.device = torch.device(device)
         self.augment = augment
-        self.epoch = 0
-        self.batches_consumed = 0  # within the current epoch
         n = len(images)
         if drop_last:
             self.num_batches = n // (batch_size * world_size)
@@ -102,10 +114,3 @@ class TensorLoader:
                 return
             self.epoch += 1
             self.batches_consumed = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch = int(state["epoch"])
-        self.batches_consumed = int(state["batches_consumed"])

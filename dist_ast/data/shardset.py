@@ -318,9 +318,12 @@ class SliceLoader:
         image_size: int,
         num_workers: int,
         split: str = "val",
+        seed: int = 0,
+        rrc_min: float = 0.08,
     ) -> None:
         self.shards = ShardSet(root, split)
         self.dataset, self.image_size, self.num_workers = dataset, image_size, num_workers
+        self.seed, self.rrc_min = seed, rrc_min
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.device = torch.device(device)
         self.lo, self.hi = rank_slice(len(self.shards), rank, world_size)

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from dist_ast.data.memory import LoaderPosition
+
 POOL_BATCHES = 4
 VAL_BATCHES = 8  # per rank
 
@@ -19,7 +21,7 @@ def synthetic_classes(image_size: int) -> int:
     return 1000 if image_size >= 64 else 10
 
 
-class SyntheticLoader:
+class SyntheticLoader(LoaderPosition):
     def __init__(
         self,
         *,
@@ -42,8 +44,6 @@ class SyntheticLoader:
         x = torch.randn(n, batch_size, 3, image_size, image_size, generator=g)
         y = torch.randint(0, num_classes, (n, batch_size), generator=g)
         self.x, self.y = x.to(device), y.to(device)
-        self.epoch = 0
-        self.batches_consumed = 0
 
     def __len__(self) -> int:
         return self.num_batches
@@ -60,13 +60,6 @@ class SyntheticLoader:
                 yield self.x[b % len(self.x)], self.y[b % len(self.y)]
             self.epoch += 1
             self.batches_consumed = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch = int(state["epoch"])
-        self.batches_consumed = int(state["batches_consumed"])
 
 
 def build_synthetic(

@@ -137,21 +137,13 @@ class _EpochStream(IterableDataset):
 
 
 class WdsTrainLoader(SliceLoader):
-    """Endless training batches over epochs (``SliceLoader``'s arguments besides these)."""
+    """Endless training batches over epochs (``SliceLoader``'s arguments, and
+    ``shuffle_batches``)."""
 
     endless = True
 
-    def __init__(
-        self,
-        root: str,
-        *,
-        seed: int,
-        rrc_min: float = 0.08,
-        shuffle_batches: int | None = None,
-        **common: Any,
-    ) -> None:
+    def __init__(self, root: str, *, shuffle_batches: int | None = None, **common: Any) -> None:
         super().__init__(root, split="train", **common)
-        self.seed = seed
         self.workers = max(1, self.num_workers)
         # shuffle blocks of about 1024 samples per worker (like a 1024-sample buffer)
         self.shuffle_batches = shuffle_batches or max(1, math.ceil(1024 / self.batch_size))
@@ -162,11 +154,11 @@ class WdsTrainLoader(SliceLoader):
             hi=self.hi,
             num_batches=self.num_batches,
             batch_size=self.batch_size,
-            seed=seed,
+            seed=self.seed,
             rank=self.rank,
             workers=self.workers,
             shuffle_batches=self.shuffle_batches,
-            transform=build_transform(self.dataset, True, self.image_size, rrc_min),
+            transform=build_transform(self.dataset, True, self.image_size, self.rrc_min),
             normalize=None if on_gpu else Normalizer(self.dataset, self.device),
         )
         self.normalize = Normalizer(self.dataset, self.device)
