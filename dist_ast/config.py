@@ -27,6 +27,9 @@ IN_MEMORY_DATASETS = ("digits", "synthetic")  # loader=memory; the others read s
 MODES = ("alternating", "joint", "individual")
 MASK_RELATIONS = ("non_disjoint", "completely_subset")
 ENGINES = ("ddp", "deepspeed")
+REGROW_INITS = ("zero", "kept")  # ast.regrow_init (docs/algorithm.md, authors' options)
+INACTIVE_WEIGHTS = ("frozen", "moving")  # optim.inactive_weights
+LR_PER = ("step", "epoch")  # optim.lr_per
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -44,10 +47,22 @@ class ModelConfig:
     zero_init_residual: bool = False  # torchvision ResNets: last BN of each block starts at 0
     small_input: bool = False  # torchvision ResNets on 32x32: 3x3 stem conv, no max-pool
     width: int = 32  # tiny_cnn only: channels of its first block (tests use 8)
+    # BatchNorm module names (fnmatch patterns on the dense model's module names) kept as
+    # one plain BatchNorm2d shared by every sub-net instead of switchable (one set per
+    # sub-net, DESIGN §1.4). The authors' CIFAR ResNet shares the stem and shortcut BNs:
+    # model.shared_batchnorm=[bn1,'*.shortcut.1'] for resnet20/32/56. A pattern matching
+    # no BatchNorm2d is refused when the model is built.
+    shared_batchnorm: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         require(self.num_classes >= 2, "model.num_classes", self.num_classes, "must be >= 2")
         require(self.width >= 1, "model.width", self.width, "must be >= 1")
+        require(
+            all(isinstance(p, str) and p for p in self.shared_batchnorm),
+            "model.shared_batchnorm",
+            list(self.shared_batchnorm),
+            "give BatchNorm module-name patterns (fnmatch), e.g. [bn1,'*.shortcut.1']",
+        )
         if self._target_ is not None:
             self.name = self._target_  # the label in summaries and checkpoint checks
         check_model(self)
@@ -98,6 +113,10 @@ class ASTConfig:
     regrow_fraction: float = 0.5  # r_0 of the cosine regrow fraction
     regrow_fraction_min: float = 0.005  # r_min
     nm_patterns: list[str] | None = None  # N:M sub-nets, e.g. ["2:4", "1:4", "1:8"]
+    # A regrown weight that no other sub-net uses: zero = starts at 0 with zero momentum
+    # (DESIGN §1.7); kept = keeps its frozen shared value, as the authors' code (its
+    # momentum is zeroed under optim.inactive_weights=frozen, kept under moving).
+    regrow_init: str = "zero"
 
     @property
     def num_subnets(self) -> int:
@@ -160,6 +179,12 @@ class ASTConfig:
             self.gradient_correction,
             "gradient correction is defined for alternating training; set it false for joint",
         )
+        require(
+            self.regrow_init in REGROW_INITS,
+            "ast.regrow_init",
+            self.regrow_init,
+            f"choose one of {REGROW_INITS}",
+        )
         if self.nm_patterns is not None:
             check_nm_patterns(self.nm_patterns, s, self.initial_sparsity, self.mask_relation)
 
@@ -170,9 +195,19 @@ class OptimConfig:
     lr_reference_batch: int | None = None  # ImageNet: 256 -> lr * global_batch / 256
     momentum: float = 0.9
     nesterov: bool = False
-    weight_decay: float = 5e-4  # never on BatchNorm or biases
+    weight_decay: float = 5e-4  # on conv/linear weights (see batchnorm_weight_decay)
     warmup_epochs: float = 0.0  # linear warmup, then cosine to 0
     label_smoothing: float = 0.0
+    # The options below reproduce the authors' released code (docs/algorithm.md, "Options
+    # that follow the authors' code"); the defaults are the paper's rules (DESIGN §1.3).
+    # frozen: only the trained sub-net's weights move (no weight decay, no momentum on the
+    # rest); moving: weight decay and the shared momentum move every weight of the sparse
+    # layers every step (their gradient off the mask is 0), as plain SGD does.
+    inactive_weights: str = "frozen"
+    batchnorm_weight_decay: bool = False  # true: weight decay on BN and biases too
+    # step: the lr follows warmup + cosine every step; epoch: held for a whole epoch at
+    # its value at the epoch's first step (the authors step their scheduler per epoch).
+    lr_per: str = "step"
 
     def __post_init__(self) -> None:
         require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
@@ -191,6 +226,13 @@ class OptimConfig:
             "must lie in [0, 1)",
         )
         require(self.warmup_epochs >= 0, "optim.warmup_epochs", self.warmup_epochs, ">= 0")
+        require(
+            self.inactive_weights in INACTIVE_WEIGHTS,
+            "optim.inactive_weights",
+            self.inactive_weights,
+            f"choose one of {INACTIVE_WEIGHTS}",
+        )
+        require(self.lr_per in LR_PER, "optim.lr_per", self.lr_per, f"choose one of {LR_PER}")
 
 
 @dataclass
@@ -307,6 +349,20 @@ class RunConfig:
             f"train.precision={self.train.precision} under DeepSpeed needs ZeRO stage 1 or 2 "
             "(stage 0's mixed-precision wrapper keeps unmapped flat fp32 copies; stage 1/2 "
             "use as much memory as DDP's fp32 master weights or less)",
+        )
+        require(
+            self.optim.inactive_weights == "frozen",
+            "optim.inactive_weights",
+            self.optim.inactive_weights,
+            "moving is implemented for engine=ddp only (DeepSpeed's flat partitions apply "
+            "m_k to every update); use engine=ddp",
+        )
+        require(
+            self.ast.regrow_init == "zero",
+            "ast.regrow_init",
+            self.ast.regrow_init,
+            "kept is implemented for engine=ddp only (DeepSpeed's reset of a regrown weight "
+            "zeroes its fp32 master copy); use engine=ddp",
         )
 
 

@@ -239,8 +239,12 @@ class Trainer:
         log.debug("step %d: sub-net %d mask update (%d weights grown fresh)", step, k, reset)
 
     def set_lr(self) -> float:
+        """The step's lr (optim.lr_per=epoch: its value at the epoch's first step)."""
+        step = self.step
+        if self.config.optim.lr_per == "epoch":
+            step -= step % len(self.loaders.train)
         lr = lr_at(
-            self.step,
+            step,
             peak=self.peak_lr,
             warmup_steps=self.warmup_steps,
             total_steps=self.schedule.total_steps,
@@ -541,9 +545,12 @@ def build_trainer(config: RunConfig, dist_info: DistInfo) -> Trainer:
         schedule,
         config.ast.mask_relation == "completely_subset",
         nm_patterns=config.ast.nm_patterns,
+        regrow_init=config.ast.regrow_init,
+        inactive_weights=config.optim.inactive_weights,
     )
     updater.init_masks(seed=t.seed)
     o = config.optim
+    model.set_update_rules(o.inactive_weights, o.batchnorm_weight_decay)  # both engines
     optimizer = MaskedSGD(
         model.param_groups(o.weight_decay), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov
     )

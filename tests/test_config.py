@@ -40,6 +40,9 @@ from dist_ast.train import build_schedule
         ("engine.zero_stage=3", "engine.zero_stage"),
         ("ast.nm_patterns=[2:4,1:4]", "ast.nm_patterns"),  # 2 patterns for 3 sub-nets
         ("data.loader=wds", "data.loader"),  # digits are in memory
+        ("ast.regrow_init=random", "ast.regrow_init"),  # authors' switches: zero | kept
+        ("optim.inactive_weights=drift", "optim.inactive_weights"),  # frozen | moving
+        ("optim.lr_per=batch", "optim.lr_per"),  # step | epoch
     ],
 )
 def test_invalid_values_name_the_key(override, key):

@@ -20,7 +20,7 @@ from dist_ast.models.cifar_resnet import cifar_resnet
 from dist_ast.models.resnet import torchvision_model, torchvision_names
 from dist_ast.models.tiny import TinyCNN
 from dist_ast.models.wrn import wide_resnet32
-from dist_ast.sparsity.model import SubnetModel, convert_to_subnets
+from dist_ast.sparsity.model import SubnetModel, convert_to_subnets, shared_batchnorm_names
 
 if TYPE_CHECKING:
     from dist_ast.config import ModelConfig
@@ -104,8 +104,15 @@ def dense_layer_names(net: nn.Module, dense_classifier: bool) -> list[str]:
 
 def build_subnet_model(cfg: ModelConfig, num_subnets: int) -> SubnetModel:
     """The dense model converted for N sub-nets: every Conv2d/Linear but the dense ones
-    sparse with N masks, every BatchNorm2d switchable (N sets)."""
+    sparse with N masks, every BatchNorm2d switchable (N sets) but those named by
+    ``model.shared_batchnorm`` (one plain set for all sub-nets)."""
     net = build_model(cfg)
+    try:
+        shared = shared_batchnorm_names(net, cfg.shared_batchnorm)
+    except ValueError as e:
+        raise ConfigError(
+            f"invalid model.shared_batchnorm={list(cfg.shared_batchnorm)!r}: {e}"
+        ) from e
     dense = dense_layer_names(net, cfg.dense_classifier)
     sparse = [
         n for n, m in net.named_modules() if type(m) in (nn.Conv2d, nn.Linear) and n not in dense
@@ -116,4 +123,4 @@ def build_subnet_model(cfg: ModelConfig, num_subnets: int) -> SubnetModel:
             f"invalid {key}: the model has no nn.Conv2d/nn.Linear layer to make sparse besides "
             f"the dense {dense or 'none'} (first layer, classifier with model.dense_classifier)"
         )
-    return convert_to_subnets(net, num_subnets, dense)
+    return convert_to_subnets(net, num_subnets, dense, shared)

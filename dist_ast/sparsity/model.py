@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from fnmatch import fnmatchcase
 
 import torch
 from torch import nn
@@ -20,6 +21,10 @@ class SubnetModel(nn.Module):
     """A network whose sparse layers hold N masks and whose BatchNorms hold N sets.
 
     ``set_subnet(k)`` switches every layer to sub-net k without copying any weight.
+
+    What the optimizer may move is decided here (``update_masks``, ``param_groups``); two
+    options, set by :meth:`set_update_rules`, follow the authors' code instead of the
+    paper's rules (docs/algorithm.md, "Options that follow the authors' code").
     """
 
     def __init__(self, net: nn.Module, num_subnets: int) -> None:
@@ -27,6 +32,8 @@ class SubnetModel(nn.Module):
         self.net = net
         self.num_subnets = num_subnets
         self.subnet = 0
+        self.inactive_weights = "frozen"  # optim.inactive_weights
+        self.batchnorm_weight_decay = False  # optim.batchnorm_weight_decay
         self._sparse = [(n, m) for n, m in net.named_modules() if isinstance(m, SubnetSparseMixin)]
         self._switchable = [m for m in net.modules() if isinstance(m, SwitchableBatchNorm2d)]
         if not self._sparse:
@@ -97,15 +104,30 @@ class SubnetModel(nn.Module):
         return {n: 1.0 - float(m.masks[k].float().mean()) for n, m in self._sparse}
 
     # -- what the optimizer may move ---------------------------------------------------
+    def set_update_rules(
+        self, inactive_weights: str = "frozen", batchnorm_weight_decay: bool = False
+    ) -> None:
+        """The optimizer options of the config (``optim.inactive_weights``,
+        ``optim.batchnorm_weight_decay``), kept on the model so that every engine's step
+        and parameter groups read the same rules."""
+        if inactive_weights not in ("frozen", "moving"):
+            raise ValueError(f"inactive_weights must be frozen or moving, not {inactive_weights!r}")
+        self.inactive_weights = inactive_weights
+        self.batchnorm_weight_decay = bool(batchnorm_weight_decay)
+
     def update_masks(self, subnets: Iterable[int]) -> dict[torch.Tensor, torch.Tensor]:
         """{parameter: bool mask} of the entries that training ``subnets`` may change.
 
-        Sparse weights: the union of those sub-nets' masks. Switchable BatchNorm: their
-        rows. Parameters absent from the result (dense layers, biases) move everywhere.
+        Sparse weights: the union of those sub-nets' masks (absent under
+        ``inactive_weights="moving"``: weight decay and momentum move every weight, as
+        plain SGD in the authors' code). Switchable BatchNorm: their rows, in both modes
+        (the authors' unused per-sub-net BatchNorm modules get no gradient and plain SGD
+        skips them). Parameters absent from the result (dense layers, biases, shared
+        BatchNorm) move everywhere.
         """
         ks = sorted(set(subnets))
         out: dict[torch.Tensor, torch.Tensor] = {}
-        for _, m in self._sparse:
+        for _, m in self._sparse if self.inactive_weights == "frozen" else ():
             mask = m.masks[ks[0]]
             for k in ks[1:]:
                 mask = mask | m.masks[k]
@@ -123,30 +145,62 @@ class SubnetModel(nn.Module):
         return out
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """Weight decay on conv/linear weights only, never on BatchNorm or biases."""
+        """Two groups: conv/linear weights (every sparse weight: GC and DeepSpeed want
+        them in one group) with weight decay, then BatchNorm and biases, with none unless
+        ``batchnorm_weight_decay`` (the authors decay every parameter)."""
         decay, no_decay = [], []
         for p in self.parameters():
             is_bn = any(p is bn.weight or p is bn.bias for bn in self._switchable)
             (no_decay if p.ndim <= 1 or is_bn else decay).append(p)
         return [
             {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {
+                "params": no_decay,
+                "weight_decay": weight_decay if self.batchnorm_weight_decay else 0.0,
+            },
         ]
 
 
-def convert_to_subnets(net: nn.Module, num_subnets: int, dense: Iterable[str] = ()) -> SubnetModel:
+def shared_batchnorm_names(net: nn.Module, patterns: Iterable[str]) -> list[str]:
+    """The BatchNorm2d modules of ``net`` whose name matches one of the fnmatch
+    ``patterns``; a pattern that matches none raises ValueError naming it."""
+    bns = [n for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    shared: list[str] = []
+    for pattern in patterns:
+        hits = [n for n in bns if fnmatchcase(n, pattern)]
+        if not hits:
+            raise ValueError(
+                f"pattern {pattern!r} matches no BatchNorm2d of the model (its BatchNorms: "
+                f"{', '.join(bns[:6])}{' ...' if len(bns) > 6 else ''})"
+            )
+        shared += [n for n in hits if n not in shared]
+    return shared
+
+
+def convert_to_subnets(
+    net: nn.Module,
+    num_subnets: int,
+    dense: Iterable[str] = (),
+    shared_batchnorm: Iterable[str] = (),
+) -> SubnetModel:
     """Make every Conv2d/Linear (except the modules named in ``dense``) a sparse layer
-    with N masks, and every BatchNorm2d switchable. Weights are moved, not copied."""
+    with N masks, and every BatchNorm2d switchable except those matched by the fnmatch
+    patterns ``shared_batchnorm`` (kept as one plain BatchNorm2d that every sub-net
+    trains, as the authors' CIFAR ResNet's stem and shortcuts). Weights are moved, not
+    copied."""
     dense = set(dense)
     names = {n for n, _ in net.named_modules()}
     unknown = dense - names
     if unknown:
         raise ValueError(f"dense layers {sorted(unknown)} are not modules of the model")
+    shared = set(shared_batchnorm_names(net, shared_batchnorm))
 
     def swap(parent: nn.Module, prefix: str) -> None:
         for child_name, child in list(parent.named_children()):
             name = f"{prefix}.{child_name}" if prefix else child_name
             new: nn.Module | None = None
+            if isinstance(child, nn.BatchNorm2d) and name in shared:
+                continue  # one plain BatchNorm for every sub-net
             if isinstance(child, nn.BatchNorm2d):
                 new = SwitchableBatchNorm2d.from_batchnorm(child, num_subnets)
             elif name not in dense and type(child) is nn.Conv2d:

@@ -3,7 +3,9 @@
 Each parameter may come with a boolean update mask (the active sub-net's weight mask,
 or the active row of a switchable BatchNorm). Outside it nothing changes: not the
 weight, not its momentum, no weight decay. The authors' released code shares plain SGD
-momentum and weight decay, which drifts the inactive weights; we do not.
+momentum and weight decay, which drifts the inactive weights; we do not, unless
+``optim.inactive_weights=moving``, where the sparse weights get no update mask
+(:meth:`dist_ast.sparsity.model.SubnetModel.update_masks`).
 """
 
 from __future__ import annotations
@@ -166,7 +168,14 @@ class MaskedSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def reset_state(self, param: torch.Tensor, where: torch.Tensor) -> None:
-        """Zero the momentum of ``param`` at ``where`` (newly grown connections)."""
+        """Zero the momentum of ``param`` at ``where`` (newly grown connections; the
+        caller zeroes the weight, which subclasses holding a master copy also do)."""
+        self.reset_momentum(param, where)
+
+    @torch.no_grad()
+    def reset_momentum(self, param: torch.Tensor, where: torch.Tensor) -> None:
+        """Zero only the momentum of ``param`` at ``where`` (a regrown weight that keeps
+        its value, ``ast.regrow_init=kept``)."""
         buf = self.state.get(param, {}).get("momentum_buffer")
         if buf is not None:
             buf.masked_fill_(where, 0.0)

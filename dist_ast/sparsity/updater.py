@@ -1,7 +1,8 @@
 """Mask decisions for a SubnetModel: initial masks and one sub-net's update.
 
 ``decide`` is the pure part (rank 0 runs it); ``apply`` installs the masks on every
-rank and starts newly grown connections at zero with zero momentum.
+rank and starts newly grown connections at zero with zero momentum (or, with
+``regrow_init="kept"`` as in the authors' code, at their frozen shared value).
 """
 
 from __future__ import annotations
@@ -33,8 +34,19 @@ class MaskUpdater:
         schedule: SparsitySchedule,
         completely_subset: bool = False,
         nm_patterns: list[str] | None = None,
+        regrow_init: str = "zero",
+        inactive_weights: str = "frozen",
     ) -> None:
+        if regrow_init not in ("zero", "kept"):
+            raise ValueError(f"regrow_init must be zero or kept, not {regrow_init!r}")
         self.model = model
+        # A fresh weight (regrown, live in no other sub-net) starts at 0 (zero) or keeps
+        # its value (kept). Its momentum is zeroed, except kept + inactive_weights=moving:
+        # there the buffer moved every step like the weight (the authors' code touches
+        # neither), whereas a frozen buffer is stale from when the weight left every
+        # sub-net and should not push it.
+        self.zero_weight = regrow_init == "zero"
+        self.zero_momentum = self.zero_weight or inactive_weights == "frozen"
         self.schedule = schedule
         self.completely_subset = completely_subset
         self.total = sum(w.numel() for w in model.sparse_weights())
@@ -94,8 +106,9 @@ class MaskUpdater:
     @torch.no_grad()
     def apply(self, k: int, new_masks: list[torch.Tensor], optimizer: MaskedSGD | None) -> int:
         """Install sub-net k's masks; a grown weight that no other sub-net uses starts at
-        zero with zero momentum, one live elsewhere keeps its shared value. Returns the
-        number of weights so reset."""
+        zero with zero momentum (regrow_init="kept": keeps its value, see __init__ for
+        its momentum), one live elsewhere keeps its shared value and momentum. Returns
+        the number of such fresh weights."""
         others = [j for j in range(self.model.num_subnets) if j != k]
         reset = 0
         for i, (w, old, new) in enumerate(
@@ -105,9 +118,13 @@ class MaskUpdater:
             for j in others:
                 fresh &= ~self.model.masks(j)[i]
             if fresh.any():
-                w.masked_fill_(fresh, 0.0)
-                if optimizer is not None:
-                    optimizer.reset_state(w, fresh)
+                if self.zero_weight:
+                    # DeepSpeed's reset_state zeroes the fp32 master copy as well
+                    w.masked_fill_(fresh, 0.0)
+                    if optimizer is not None:
+                        optimizer.reset_state(w, fresh)
+                elif self.zero_momentum and optimizer is not None:
+                    optimizer.reset_momentum(w, fresh)
                 reset += int(fresh.sum())
         self.model.set_masks(k, new_masks)
         return reset
