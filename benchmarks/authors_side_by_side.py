@@ -268,10 +268,13 @@ def ours_stepper(
     ramp_end_epoch: int,
     run_dir: str,
     start_step: int,
+    ast: str = "ast_gc",
 ) -> Callable[[int], None]:
     """``f(n)``: n consecutive ``Trainer.train_step`` calls of ``python -m
     dist_ast.train experiment=r20_cifar_ast`` (with this model and in-memory data of the
-    task's size, so the schedule is the task's), mask updates included."""
+    task's size, so the schedule is the task's), mask updates included. ``ast``: the
+    ``ast=`` preset (``ast_gc``, the experiment's; ``ast``, without gradient correction,
+    like the authors' runs without ``--pc_grad``)."""
     from dist_ast.cli import compose_config
     from dist_ast.distributed.setup import init_distributed
     from dist_ast.train import build_trainer
@@ -280,6 +283,7 @@ def ours_stepper(
         [
             "experiment=r20_cifar_ast",
             f"model={model}",
+            f"ast={ast}",
             "data=synthetic",
             f"data.synthetic_size={train_size}",
             "data.image_size=32",
@@ -311,20 +315,36 @@ def ours_stepper(
     return run
 
 
+# the variants of each side: ours by ``ast=`` preset, theirs by whether --pc_grad is on
+OURS = {"ast_gc": "AST+GC", "ast": "AST (no GC)"}
+THEIRS = {"plain": False, "pc_grad": True}
+
+
+def round_order(names: list[str], r: int) -> list[str]:
+    """Round r's order: rotated by r and reversed on odd rounds, so that over the rounds
+    every variant runs early and late, before and after each other one."""
+    k = r % len(names)
+    order = names[k:] + names[:k]
+    return order if r % 2 == 0 else order[::-1]
+
+
 def time_steps(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Interleaved rounds: each round runs ``--round-steps`` consecutive training steps of
-    each implementation (order alternating by round), both continuing their own run from
-    where the last round stopped, so round r of both covers the same global steps and
-    therefore the same scheduled mask updates (ΔT = 150 global steps, Δτ = 10 own steps
-    = 30 global; with ``--start-step`` a multiple of ΔT and ``--rounds`` x
-    ``--round-steps`` one, the timed steps hold 3 updates per ΔT, as training does). The ratio
-    of a round is ours/theirs over the same steps; the table gives the median of the
-    per-round ratios and its interquartile range, for wall and process CPU time."""
+    each variant (ours: ``--ours``, e.g. AST+GC and AST without GC; theirs: ``--theirs``,
+    plain and/or ``--pc_grad``; order rotating by round, see ``round_order``), every one
+    continuing its own run from where the last round stopped, so round r of all covers the
+    same global steps and therefore the same scheduled mask updates (ΔT = 150 global
+    steps, Δτ = 10 own steps = 30 global; with ``--start-step`` a multiple of ΔT and
+    ``--rounds`` x ``--round-steps`` one, the timed steps hold 3 updates per ΔT, as
+    training does). The ratio of a round is ours/theirs over the same steps; the table
+    has one row per (ours, theirs) pair with the median of the per-round ratios, its
+    interquartile range and range, for wall and process CPU time."""
     import torch
 
     from benchmarks.harness import machine_description, paired_ratios, summarize
 
     torch.set_num_threads(args.threads)
+    theirs_variants = list(dict.fromkeys([*args.theirs, *(["pc_grad"] if args.pc_grad else [])]))
     rows = []
     for name in args.models:
         ours_model, theirs_model = MODELS[name]
@@ -334,47 +354,54 @@ def time_steps(args: argparse.Namespace) -> list[dict[str, Any]]:
              torch.randint(0, 10, (args.batch_size,), generator=g))
             for _ in range(8)
         ]  # fmt: skip
-        fns = {
-            "dist_ast": ours_stepper(
+        fns: dict[str, Callable[[int], None]] = {}
+        for v in args.ours:
+            fns[f"ours:{v}"] = ours_stepper(
                 ours_model, batches=batches, train_size=args.train_size, epochs=args.epochs,
                 update_every=args.update_every, stagger=args.offset * len(SPARSITIES),
-                ramp_end_epoch=args.ramp_end_epoch, run_dir=f"runs/bench/authors/{name}",
-                start_step=args.start_step - args.warmup,
-            ),
-            "authors": authors_stepper(
+                ramp_end_epoch=args.ramp_end_epoch, run_dir=f"runs/bench/authors/{name}_{v}",
+                start_step=args.start_step - args.warmup, ast=v,
+            )  # fmt: skip
+        for v in theirs_variants:
+            fns[f"theirs:{v}"] = authors_stepper(
                 Path(args.authors_dir), theirs_model, batches=batches,
                 steps_per_epoch=-(-args.train_size // args.batch_size), epochs=args.epochs,
                 update_every=args.update_every, offset=args.offset,
-                ramp_end_epoch=args.ramp_end_epoch, pc_grad=args.pc_grad,
+                ramp_end_epoch=args.ramp_end_epoch, pc_grad=THEIRS[v],
                 start_step=args.start_step - args.warmup,
-            ),
-        }  # fmt: skip
+            )  # fmt: skip
         for f in fns.values():  # warm-up (allocator, first-call costs), untimed
             f(args.warmup)
         clocks = {"wall": time.perf_counter, "cpu": time.process_time}
         samples: dict[str, dict[str, list[float]]] = {c: {k: [] for k in fns} for c in clocks}
-        names = list(fns)
         for r in range(args.rounds):
-            for who in names if r % 2 == 0 else names[::-1]:
+            for who in round_order(list(fns), r):
                 t0 = {c: f() for c, f in clocks.items()}
                 fns[who](args.round_steps)
                 for c, f in clocks.items():
                     samples[c][who].append((f() - t0[c]) / args.round_steps)
             log.info(
-                "%s round %d: ours %.3f s/step, theirs %.3f s/step (wall)",
-                name, r, samples["wall"]["dist_ast"][-1], samples["wall"]["authors"][-1],
+                "%s round %d (cpu s/step): %s", name, r,
+                ", ".join(f"{k} {samples['cpu'][k][-1]:.3f}" for k in fns),
             )  # fmt: skip
-        row: dict[str, Any] = {"model": f"{name} b{args.batch_size}", "rounds": args.rounds}
-        row["steps/round"] = args.round_steps
-        for c in clocks:
-            row[f"ours {c} s/step"] = summarize(samples[c]["dist_ast"]).fmt(3)
-            row[f"theirs {c} s/step"] = summarize(samples[c]["authors"]).fmt(3)
-            ratio = paired_ratios(samples[c], "authors")["dist_ast"]
-            row[f"{c} ratio ours/theirs"] = (
-                f"{ratio.fmt(3)} (range {ratio.min:.3f}–{ratio.max:.3f})"
-            )
-        row["pc_grad"] = args.pc_grad
-        rows.append(row)
+        for ov in args.ours:
+            for tv in theirs_variants:
+                o, t = f"ours:{ov}", f"theirs:{tv}"
+                row: dict[str, Any] = {"model": f"{name} b{args.batch_size}"}
+                row["ours"] = OURS[ov]
+                row["theirs"] = "--pc_grad" if THEIRS[tv] else "plain (no GC)"
+                row["rounds"] = args.rounds
+                row["steps/round"] = args.round_steps
+                for c in clocks:
+                    row[f"ours {c} s/step"] = summarize(samples[c][o]).fmt(3)
+                    row[f"theirs {c} s/step"] = summarize(samples[c][t]).fmt(3)
+                    ratio = paired_ratios({o: samples[c][o], t: samples[c][t]}, t)[o]
+                    row[f"{c} ratio ours/theirs"] = (
+                        f"{ratio.fmt(3)} (range {ratio.min:.3f}–{ratio.max:.3f}; "
+                        f"{sum(x < samples[c][t][i] for i, x in enumerate(samples[c][o]))}"
+                        f"/{args.rounds} rounds ours faster)"
+                    )
+                rows.append(row)
         (Path("runs/bench/authors") / f"{name}_samples.json").write_text(json.dumps(samples))
     log.info("machine: %s", machine_description())
     return rows
@@ -397,11 +424,13 @@ def time_cmd(args: argparse.Namespace) -> None:
         argv = [a for a in sys.argv[1:] if not a.startswith("/")]
         cmd = "python -m benchmarks.authors_side_by_side " + shlex.join(argv)
         notes = (
-            "Per-step time of one AST training step, ours (`Trainer.train_step`, AST+GC) and "
-            "the authors' (`trainIter` of mengjian0502/AST, CPU shims only), same process, "
-            "same synthetic batches, the task's schedule with mask updates included; round "
-            "r of both covers the same global steps. Ratio = median of per-round ratios "
-            "(± half the IQR). " + args.notes
+            "Per-step time of one AST training step, ours (`Trainer.train_step`, AST+GC "
+            "and/or AST without GC) and the authors' (`trainIter` of mengjian0502/AST, CPU "
+            "shims only; plain = no --pc_grad, as their run_cifar.sh), same process, same "
+            "synthetic batches, the task's schedule with mask updates included; round r of "
+            "every variant covers the same global steps, the order rotating by round. Ratio "
+            "= median of per-round ratios (± half the IQR), range, and in how many rounds "
+            "ours was faster. " + args.notes
         )
         append_markdown(
             Path(args.output),
@@ -457,7 +486,14 @@ def main(argv: list[str] | None = None) -> int:
         "the first mask update is at ΔT)",
     )
     m.add_argument("--threads", type=int, default=1)
-    m.add_argument("--pc-grad", action="store_true", help="the authors' --pc_grad (their GC)")
+    m.add_argument(
+        "--ours", nargs="+", default=list(OURS), choices=list(OURS), help="our ast= presets"
+    )
+    m.add_argument(
+        "--theirs", nargs="+", default=["plain"], choices=list(THEIRS),
+        help="the authors' variants: plain (no --pc_grad, as released) and/or pc_grad",
+    )  # fmt: skip
+    m.add_argument("--pc-grad", action="store_true", help="same as adding --theirs pc_grad")
     m.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
     m.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     m.add_argument("--notes", default="")

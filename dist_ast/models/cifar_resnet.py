@@ -12,6 +12,7 @@ N(0, 2/(k*k*out)) (Kaiming, fan-out), the classifier Kaiming (fan-in) with zero 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dist_ast.models.wrn import BasicBlock
@@ -45,7 +46,7 @@ class CifarResNet(nn.Module):
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn1(self.conv1(x)), inplace=True)  # BatchNorm output: in place
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.pool(x), 1))
 

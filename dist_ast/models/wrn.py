@@ -4,6 +4,7 @@ widths 32/64/128, 1x1-conv shortcuts where the shape changes."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -21,9 +22,14 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
+        # In place where autograd allows it (bit-identical to out-of-place, two fewer
+        # activation-sized temporaries per block): BatchNorm's backward reads its input,
+        # not its output, so its output may be overwritten; ReLU's backward reads its own
+        # output, which autograd tracks for in-place ops. ``x`` itself is never written.
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.bn2(self.conv2(out))
-        return torch.relu(out + self.shortcut(x))
+        out += self.shortcut(x)
+        return F.relu(out, inplace=True)
 
 
 class WideResNet32(nn.Module):
@@ -44,7 +50,7 @@ class WideResNet32(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn1(self.conv1(x)), inplace=True)  # BatchNorm output: in place
         return self.fc(torch.flatten(self.pool(self.layers(x)), 1))
 
 

@@ -33,9 +33,9 @@ def _flat_views(*ts: torch.Tensor) -> list[torch.Tensor] | None:
     t0 = ts[0]
     if any(t.shape != t0.shape or t.stride() != t0.stride() for t in ts):
         return None
-    dense = t0.is_contiguous() or (
-        t0.ndim == 4 and t0.is_contiguous(memory_format=torch.channels_last)
-    )
+    if t0.is_contiguous():  # the common case: storage order = logical order, one view op
+        return [t.view(-1) for t in ts]
+    dense = t0.ndim == 4 and t0.is_contiguous(memory_format=torch.channels_last)
     if not dense:
         return None
     return [memory_order(t, t0) for t in ts]
@@ -69,14 +69,16 @@ def conflict_stats(
             if mask_prev:
                 p.mul_(m)  # ĝ into prev by a pass of its own
             views = [g.reshape(-1), p.reshape(-1), m.reshape(-1)]
-        fg, fp, fm = views
-        step = _CPU_CHUNK if g.device.type == "cpu" else max(1, g.numel())
-        for i in range(0, g.numel(), step):
+        n = g.numel()
+        step = _CPU_CHUNK if g.device.type == "cpu" else max(1, n)
+        for i in range(0, n, step):
+            # (a layer that is one chunk is used as is: three slice ops fewer)
+            cg, cp, cm = views if n <= step else (v[i : i + step] for v in views)
             if in_chunks:  # fp32 p·m is exact, so its fp64 copy equals fp64 p·m
-                h = fp[i : i + step].mul_(fm[i : i + step]).double()
+                h = cp.mul_(cm).double()
             else:
-                h = fp[i : i + step].double().mul_(fm[i : i + step])
-            dot += torch.dot(fg[i : i + step].double(), h)
+                h = cp.double().mul_(cm)
+            dot += torch.dot(cg.double(), h)
             norm_sq += torch.dot(h, h)
     return torch.stack([dot, norm_sq])
 
