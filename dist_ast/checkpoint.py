@@ -1,44 +1,19 @@
 """Sharded checkpoints with ``torch.distributed.checkpoint`` (DESIGN §4): the manager
 (when to save, write, commit, rotate; which checkpoint to resume from; loading parts).
 
-One checkpoint is a folder ``run_dir/checkpoints/step-<N>/`` holding DCP's shard files
-(``__<rank>_<i>.distcp``), DCP's ``.metadata`` and our ``meta.json`` (format version,
-step, world size, model name, sub-net count, the resolved config). It is written under
-``.tmp-step-<N>`` and renamed by rank 0 once every rank has written its shards, so a
-folder named ``step-<N>`` is always complete: a crash mid-write leaves a ``.tmp-`` folder
-that resume ignores (and the next save clears).
+A checkpoint is ``run_dir/checkpoints/step-<N>/``: DCP's shards and ``.metadata``, our
+``meta.json`` and ``manifest.json`` (size and crc32c of every file). It is written under
+``.tmp-step-<N>`` and renamed by rank 0 once every rank has written, so a ``step-<N>``
+folder is complete when made; ``resume=auto`` still checks it against its manifest (a
+disk or a copy can damage it later) and falls back to the newest intact one.
 
-What is saved (everything a step touches, so a resumed run is bit-identical on CPU):
-model (sparse weights, every BatchNorm set, the masks of all sub-nets as buffers),
-MaskedSGD momentum, the step (the LR and the sparsity schedule are pure functions of
-it), the GC buffer and counters, the FLOPs counters, the mask-update log, the GradScaler,
-the RNG states of every rank (torch, CUDA, Python, NumPy) and the loader position of
-every rank. Everything in the DCP state is a tensor: DCP would ``torch.load`` any other
-object with ``weights_only=False``; and its ``.metadata`` pickle is read with an
-unpickler that accepts DCP's own metadata classes only. So loading a checkpoint never
-runs arbitrary code.
-
-Resuming on another world size: DCP reshards the (replicated) model and optimizer;
-each rank takes its own RNG state when the old run had that rank, and the loader
-position is recomputed from the step (the global batch is the same, so the number of
-batches per epoch is too).
-
-What to save is not this module's business: the trainer hands the manager a
-``dict[str, Stateful]`` (``Trainer.stateful_parts()``), each part owning its
-``state_dict``/``load_state_dict`` (tensors only), and the key of a part is its DCP key.
-A part with ``save_files``/``load_files`` (the DeepSpeed engine, in its own format)
-writes a folder of that name beside the DCP shards. The safe reader and the integrity
-checks are in ``dist_ast.checkpoint_io``, the tensor codecs in ``dist_ast.state_codecs``.
-
-Integrity: before the rename, rank 0 writes ``manifest.json``, the size and crc32c of
-every file in the folder (DCP's shards and ``.metadata``, ``meta.json``, DeepSpeed's
-files), and fsyncs it. A folder can be named ``step-<N>`` and still be damaged (a full
-disk, a dying node or a copy can cut or change a file later), so ``resume=auto`` checks
-the newest checkpoint against its manifest and falls back to the newest intact one, and
-an explicit ``resume=<path>`` that does not match is an error. Checkpoints written before
-manifests existed resume unchecked (with a log line). A save that fails (disk full)
-removes its ``.tmp-`` folder and stops the run with a CheckpointError naming the newest
-intact checkpoint; an async save's failure is raised at the next step boundary.
+The trainer hands the manager a ``dict[str, Stateful]``; a part's key is its DCP key, and
+its state holds tensors only, so loading never unpickles arbitrary objects. A part with
+``save_files``/``load_files`` (the DeepSpeed engine) writes a folder of that name beside
+the shards. On another world size DCP reshards the (replicated) model and optimizer, a
+rank takes its RNG state if the old run had that rank, and the loader position follows
+from the step. The safe reader and integrity checks are in ``checkpoint_io``, the tensor
+codecs in ``state_codecs``.
 """
 
 from __future__ import annotations
@@ -67,7 +42,6 @@ from dist_ast.checkpoint_io import (  # noqa: F401 - re-exported: the names call
     CHECKSUM,
     FORMAT_VERSION,
     MANIFEST_FILE,
-    MANIFEST_VERSION,
     META_FILE,
     STEP_PREFIX,
     TMP_PREFIX,
@@ -101,8 +75,7 @@ warnings.filterwarnings(
 
 
 class CheckpointOwner(Protocol):
-    """What the manager reads of its owner (the Trainer): the run's config and ranks, the
-    step to name the folder by, and the parts to save."""
+    """What the manager reads of its owner (the Trainer)."""
 
     config: RunConfig
     dist: DistInfo
@@ -122,24 +95,6 @@ def step_dir(run_dir: str | os.PathLike, step: int) -> Path:
     return checkpoint_dir(run_dir) / f"{STEP_PREFIX}{step}"
 
 
-def complete_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete checkpoint in ``run_dir``, oldest first.
-
-    Complete = named ``step-<N>`` (renamed only after every rank finished) with both
-    DCP's ``.metadata`` and our ``meta.json``; ``.tmp-*`` folders are never listed.
-    """
-    root = checkpoint_dir(run_dir)
-    out = []
-    if not root.is_dir():
-        return out
-    for p in root.iterdir():
-        tail = p.name[len(STEP_PREFIX) :]
-        if p.name.startswith(STEP_PREFIX) and tail.isdigit() and p.is_dir():
-            if (p / ".metadata").is_file() and (p / META_FILE).is_file():
-                out.append((int(tail), p))
-    return sorted(out)
-
-
 def step_folders(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """(step, folder) of every ``step-<N>`` folder, whole or not, oldest first: what
     ``resume=auto`` considers (a renamed folder that lost a file is damage to report,
@@ -155,10 +110,18 @@ def step_folders(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def complete_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """The ``step-<N>`` folders with both DCP's ``.metadata`` and our ``meta.json``."""
+    return [
+        (n, p)
+        for n, p in step_folders(run_dir)
+        if (p / ".metadata").is_file() and (p / META_FILE).is_file()
+    ]
+
+
 def resolve_resume(config: RunConfig) -> Path | None:
     """The checkpoint this run starts from: ``checkpoint.resume`` = auto (the newest
-    intact one in run_dir, or none), never, or a path to a ``step-<N>`` folder (which
-    must be intact). Reads every file of the chosen checkpoint once (its checksums)."""
+    intact one in run_dir, or none), never, or a ``step-<N>`` folder (must be intact)."""
     mode = config.checkpoint.resume
     if mode == "never":
         return None
@@ -181,9 +144,8 @@ def resolve_resume(config: RunConfig) -> Path | None:
 
 
 def _newest_intact(run_dir: str | os.PathLike, warn: bool) -> Path | None:
-    """The newest checkpoint that matches its manifest (or predates manifests); None
-    when run_dir has none at all. With ``warn``, one warning per damaged newer one; a
-    CheckpointError when checkpoints exist but every one is damaged."""
+    """The newest checkpoint that matches its manifest (or predates manifests); None when
+    run_dir has none, a CheckpointError when every one is damaged."""
     damaged: list[DamagedCheckpointError] = []
     for _, folder in reversed(step_folders(run_dir)):
         try:
@@ -219,10 +181,8 @@ def _verify_logged(folder: Path) -> None:
 
 
 def check_resume(config: RunConfig) -> Path | None:
-    """The checkpoint to resume from, checked (its files against the manifest, meta.json,
-    model, sub-nets, DCP metadata) before anything is built or written; None for a fresh
-    start. Under torchrun rank 0 reads the checksums and every rank gets its choice (one
-    read of the files, one warning, and the same checkpoint on every rank)."""
+    """The checkpoint to resume from, checked before anything is built or written; None
+    for a fresh start. Rank 0 reads the checksums and every rank gets its choice."""
     path = _on_rank0(lambda: resolve_resume(config))
     if path is None:
         return None
@@ -302,14 +262,12 @@ def load_files(parts: dict[str, Stateful], folder: Path) -> None:
 
 
 class DeepSpeedFiles:
-    """The DeepSpeed engine's own checkpoint (engine=deepspeed) as a file part: its flat
-    fp32 partitions and their momentum in DeepSpeed's format, ``<folder>/engine``.
-    ``save_checkpoint`` is collective: every rank calls it (and it ends in a barrier).
-    Resharding to another world size is DeepSpeed's: ZeRO-1/2 checkpoints load on the
-    world size they were written with."""
+    """The DeepSpeed engine's own checkpoint (its fp32 partitions and momentum) as a file
+    part. ``save_checkpoint`` is collective; ZeRO-1/2 checkpoints load only on the world
+    size they were written with."""
 
-    def __init__(self, engine: Any, optimizer: Any = None) -> None:
-        self.engine, self.optimizer = engine, optimizer
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}  # all of it is in the files
@@ -328,19 +286,14 @@ class DeepSpeedFiles:
                 "engine=ddp and cannot restore DeepSpeed's optimizer state"
             )
         self.engine.load_checkpoint(str(folder), tag="engine")
-        # torch's Optimizer.load_state_dict (which DeepSpeed calls on the client optimizer)
-        # replaces the param_group dicts: re-link PartitionMaskedSGD's sparse group (the
-        # partitions GC and the masked update run on), or GC would stop after a resume.
-        opt = self.optimizer
-        if opt is not None and hasattr(opt, "_sparse_group") and opt.param_groups:
-            opt._sparse_group = opt.param_groups[0]
 
 
-def deepspeed_part(engine: Any, optimizer: Any = None) -> DeepSpeedFiles | None:
-    """The file part of a DeepSpeed engine; None for anything else (engine=ddp)."""
+def deepspeed_part(engine: Any, _optimizer: Any = None) -> DeepSpeedFiles | None:
+    """The file part of a DeepSpeed engine; None for anything else (engine=ddp).
+    (``_optimizer`` is unused: train.py still passes it.)"""
     if engine is None or not hasattr(engine, "save_checkpoint"):
         return None
-    return DeepSpeedFiles(engine, optimizer)
+    return DeepSpeedFiles(engine)
 
 
 # --------------------------------------------------------------------------- saving
@@ -365,16 +318,11 @@ def _meta(config: RunConfig, step: int, world_size: int) -> dict:
 
 
 class ReusedStagingStager(AsyncStager):
-    """Stages the state for an async save into CPU memory kept from the previous save.
-
-    Most of what an async save blocks on, on CPU, is allocating fresh memory for the
-    staged copy (page faults cost more than the copy itself); reusing the buffers makes
-    the blocking part a plain memcpy. Unlike DCP's ``BlockingAsyncStager(cache_...)``
-    it allows the state's structure to change between saves (the GC buffer appears after
-    the first step, the mask-update log grows): a tensor whose path, shape or dtype is new
-    gets a new buffer. Costs one resident CPU copy of the state between saves (pinned
-    when the state is on a GPU). A buffer is reused only after the previous write has
-    finished (``Checkpointer.save`` waits).
+    """Stages an async save into CPU buffers kept from the previous save: on CPU, what an
+    async save blocks on is mostly page faults of fresh memory, so reuse makes it a plain
+    memcpy. Unlike DCP's cached ``BlockingAsyncStager`` the state's structure may change
+    between saves (the GC buffer appears, the mask-update log grows): a new path, shape or
+    dtype gets a new buffer. ``Checkpointer.save`` waits for the previous write first.
     """
 
     _synchronize_after_execute = False
@@ -405,16 +353,12 @@ class ReusedStagingStager(AsyncStager):
 class Checkpointer:
     """Decides when to save, writes ``step-<N>`` atomically, keeps the newest K.
 
-    Saves are collective: every rank calls ``save`` at the same step. With
-    ``checkpoint.async_save`` the state is staged to CPU memory (kept between saves, see
-    :class:`ReusedStagingStager`) and written by a
-    background thread over a gloo group of its own (so it never interleaves with the
-    training collectives); rank 0 checksums the files in that thread too, and renames the
-    folder when both have finished, at a later step boundary or at ``wait()``.
-
-    A save that fails (an OSError such as a full disk, in DCP's writer, DeepSpeed's save
-    or the commit) removes its ``.tmp-`` folder and raises a one-line CheckpointError;
-    other failures are re-raised as they are (a bug keeps its traceback).
+    Saves are collective. With ``checkpoint.async_save`` a background thread writes the
+    staged state over a gloo group of its own (never interleaving with training's
+    collectives) and rank 0 checksums there too; the rename happens at a later step
+    boundary or at ``wait()``. A save failing with an OSError (a full disk) removes its
+    ``.tmp-`` folder and raises a one-line CheckpointError; other errors keep their
+    traceback.
     """
 
     # DCP's writer, a class attribute so that a test can substitute a failing one
@@ -600,9 +544,8 @@ class Checkpointer:
                 shutil.rmtree(p, ignore_errors=True)
 
     def _abort(self, step: int, tmp: Path, exc: BaseException) -> NoReturn:
-        """A failed save: remove its folder (rank 0), then raise a one-line CheckpointError
-        for an OSError (what failed, the folder, the newest intact checkpoint, the fix),
-        or re-raise anything else unchanged."""
+        """A failed save: remove its folder (rank 0), then a one-line CheckpointError for
+        an OSError, or anything else re-raised unchanged."""
         if self.dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         cause = _os_error(exc)
@@ -702,12 +645,10 @@ def _fsync_dir(path: Path) -> None:
 def read_checkpoint(
     path: Path, parts: dict[str, Stateful], config: RunConfig, dist_info: DistInfo
 ) -> tuple[dict[str, Any], dict]:
-    """The saved state of ``parts`` (``dcp_state``'s form) and the checkpoint's meta.json.
-
-    Only the parts the checkpoint has are in the result (a part saved by a later
-    version, or another rank's, is not). Raises CheckpointError, before any part is
-    touched where it can, when the folder is incomplete, corrupted or of another model.
-    The caller installs the state (``Trainer.load_state_dict``), then ``load_files``."""
+    """The saved state of the ``parts`` the checkpoint has (``dcp_state``'s form) and its
+    meta.json; a CheckpointError, before any part is touched where it can, for a folder
+    that is incomplete, corrupted or of another model. The caller installs the state,
+    then calls ``load_files``."""
     path = Path(path)
     meta = read_meta(path)
     check_compatible(meta, config, path)
@@ -734,11 +675,10 @@ def read_checkpoint(
 
 
 def _target(key: str, current: Any, saved: dict, device: torch.device) -> Any:
-    """What DCP loads part ``key`` into: every saved tensor under ``key``, in place into
-    the part's own tensor where shape and dtype agree (the model's), else into a new one
-    sized from the checkpoint (momentum, the GC buffer, the mask-update log: they appear
-    or grow as the run goes); the part's tensors the checkpoint lacks are left out.
-    None when the checkpoint has nothing under ``key``."""
+    """What DCP loads part ``key`` into (None: nothing saved under it): the part's own
+    tensor where shape and dtype agree, else a new one sized from the checkpoint (the GC
+    buffer, momentum, the mask-update log appear or grow as the run goes); tensors the
+    checkpoint lacks are left out."""
     mine = {n: md for n, md in saved.items() if n == key or n.startswith(f"{key}.")}
     if not mine:
         return None

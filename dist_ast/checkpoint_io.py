@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import mmap
 import os
 import pickle
@@ -21,8 +20,6 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 
 from dist_ast.errors import EXIT_CHECKPOINT, ExpectedError
-
-log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"

@@ -1,24 +1,16 @@
-"""State as tensors: the codecs (int / RNG / mask-update log <-> tensor) and the small
-``Stateful`` adapters for state whose owner is torch, Python or a plain list.
-
-A checkpoint holds tensors only (DCP would ``torch.load`` any other object with
-``weights_only=False``), so every ``state_dict`` here returns a nested dict of tensors
-and every ``load_state_dict`` takes one back. The parts the package owns (the model,
-``GradientCorrection``, ``TrainingFlops``, ``NonFiniteGuard``) implement the same two
-methods themselves with these codecs. This module imports nothing of dist_ast.
+"""State as tensors: codecs (int / RNG <-> tensor) and small ``Stateful`` adapters for
+state owned by torch, Python or a plain list. A checkpoint holds tensors only (DCP would
+``torch.load`` any other object with ``weights_only=False``). Imports nothing of dist_ast.
 """
 
 from __future__ import annotations
 
-import logging
 import random
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
-
-log = logging.getLogger(__name__)
 
 
 class StateMismatchError(ValueError):
@@ -110,17 +102,18 @@ class RngState:
         set_rng_state(state, self.device)
 
 
-class IntState:
-    """An object whose ``state_dict`` is a flat dict of ints (a loader's position)."""
+class IntCounters:
+    """A mixin: the state is the int attributes named in ``int_fields``."""
 
-    def __init__(self, obj: Any) -> None:
-        self.obj = obj
+    int_fields: tuple[str, ...] = ()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return ints_to_tensors(self.obj.state_dict())
+        return ints_to_tensors({k: getattr(self, k) for k in self.int_fields})
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.obj.load_state_dict(tensors_to_ints(state))
+        ints = tensors_to_ints(state)
+        for k in self.int_fields:
+            setattr(self, k, ints[k])
 
 
 class IntAttrs:
@@ -134,6 +127,13 @@ class IntAttrs:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.put(tensors_to_ints(state))
+
+
+class IntState(IntAttrs):
+    """An object whose ``state_dict`` is a flat dict of ints (a loader's position)."""
+
+    def __init__(self, obj: Any) -> None:
+        super().__init__(obj.state_dict, obj.load_state_dict)
 
 
 class RankState:

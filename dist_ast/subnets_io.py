@@ -1,22 +1,14 @@
 """Read a trained model back for the tools that use the sub-nets (evaluate, export,
-dynamic inference, report), whatever wrote it.
-
-Two formats are accepted by :func:`load_model_state`:
-
-* a plain ``torch.save`` file ``{"config": <RunConfig as dict>, "model": state_dict}``:
-  ``run_dir/model.pt``, written by rank 0 at the end of every training run;
-* a ``torch.distributed.checkpoint`` (DCP) folder ``run_dir/checkpoints/step-<N>/``
-  (a folder with a ``.metadata`` file), read without a process group. The model's
-  entries are those under ``model.`` (or ``model/``); the config comes from the
-  checkpoint when it holds one, else from ``config.json`` of the run folder.
-
-A run folder may be given too: its ``model.pt``, or a newer complete checkpoint.
+dynamic inference, report), whatever wrote it: a ``torch.save`` file ``{"config",
+"model"}`` (``run_dir/model.pt``, written at the end of training), a DCP checkpoint folder
+``run_dir/checkpoints/step-<N>/`` (read without a process group; the config from the
+checkpoint, else the run folder's ``config.json``), or a run folder (its ``model.pt``, or
+a newer complete checkpoint).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import tempfile
 from pathlib import Path
@@ -25,12 +17,11 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 
-from dist_ast.checkpoint import SafeFileSystemReader, complete_checkpoints, read_meta
+from dist_ast.checkpoint import complete_checkpoints
+from dist_ast.checkpoint_io import SafeFileSystemReader, read_meta
 from dist_ast.config import RunConfig, to_run_config
 from dist_ast.models import build_subnet_model
 from dist_ast.sparsity.model import SubnetModel
-
-log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 
@@ -47,11 +38,6 @@ def save_model_state(path: str | Path, config_dict: dict, model: SubnetModel) ->
     return path
 
 
-def _newest_checkpoint(run_dir: Path) -> Path | None:
-    found = complete_checkpoints(run_dir)
-    return found[-1][1] if found else None
-
-
 def resolve_checkpoint(path: str | Path) -> Path:
     """The file or DCP folder that ``path`` names. A run folder resolves to its model.pt
     (written when training ends) unless a checkpoint is newer, else its newest checkpoint."""
@@ -59,7 +45,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if p.is_file() or (p / ".metadata").exists():
         return p
     if p.is_dir():
-        newest = _newest_checkpoint(p)
+        found = complete_checkpoints(p)
+        newest = found[-1][1] if found else None
         final = p / MODEL_FILE
         if final.is_file() and (
             newest is None or final.stat().st_mtime >= (newest / ".metadata").stat().st_mtime
