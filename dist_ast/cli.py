@@ -3,7 +3,6 @@ turning a composed config into validated dataclasses with a clear error."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ from dist_ast.errors import as_expected, report_and_exit
 from dist_ast.models import BUILTIN_MODELS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-log = logging.getLogger("dist_ast")
 
 
 def _register() -> None:

@@ -4,12 +4,9 @@
     model.set_subnet(2)          # a few attribute writes: no reload, no weight copy
     logits = model(x)
 
-``set_subnet(k)`` only points every masked layer at mask k and every BatchNorm at row
-k; the shared weights, the masks and the BatchNorm sets stay where they are (tested:
-no storage pointer changes). On dense kernels every sub-net costs the same time; the
-sparsity pays off on sparse kernels (CSR, 2:4 tensor cores) or on an exported sub-net,
-so :meth:`DynamicModel.choose_subnet` takes the per-sub-net cost the caller measured or
-estimated (see docs/subnets.md for a latency-budget example).
+On dense kernels every sub-net costs the same time; sparsity pays off on sparse kernels
+or an exported sub-net, so :meth:`DynamicModel.choose_subnet` takes the per-sub-net cost
+the caller measured or estimated (docs/subnets.md has a latency-budget example).
 """
 
 from __future__ import annotations

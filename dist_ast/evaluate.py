@@ -237,10 +237,10 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point (`dist-ast-evaluate`): exit status 0 on success."""
     main()
 
 
-def cli() -> None:
-    """Console-script entry point (`dist-ast-evaluate`): exit status 0 on success."""
+if __name__ == "__main__":
     main()

@@ -3,23 +3,16 @@
     python -m dist_ast.export ckpt=runs/demo/model.pt subnet=2 out=runs/demo/subnet2.pt
     python -m dist_ast.export ckpt=runs/r18 subnet=0 out=r18_s0.pt2 format=pt2
 
-Sub-net k becomes the *un-converted* architecture of ``build_model`` (for ResNet-18/50
-that is a torchvision ResNet, loadable by ``torchvision.models.resnet50()`` +
-``load_state_dict``): every sparse weight is w ⊙ m_k, every BatchNorm is an ordinary
-``BatchNorm2d`` holding sub-net k's row (affine parameters and running statistics), and
-the logits equal those of sub-net k inside dist_ast.
-
-Formats (``format=``): ``state_dict`` (default; the plain model's state_dict) or ``pt2``
-(``torch.export`` program, loadable by ``torch.export.load(path).module()``, for the
-models that are not torchvision's). Beside it, ``sparse=csr|nm|none`` writes
-``<out>.sparse.pt``: every sparse layer in CSR (int32 indices) or, for an N:M sub-net, in
-a packed N:M form (N values + N uint8 positions per group of M input channels, the
-layout 2:4 semi-structured kernels take); :func:`densify` turns it back.
+Sub-net k becomes the un-converted architecture of ``build_model`` (a torchvision ResNet
+for ResNet-18/50): sparse weights w ⊙ m_k, plain ``BatchNorm2d`` holding row k; its logits
+equal sub-net k's inside dist_ast. ``format=state_dict`` (default) or ``pt2``
+(``torch.export``). ``sparse=csr|nm|none`` also writes ``<out>.sparse.pt``: every sparse
+layer in CSR (int32 indices) or, for an N:M sub-net, N values + N uint8 positions per
+group of M input channels (the 2:4 kernels' layout); :func:`densify` turns it back.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 import warnings
 from pathlib import Path
@@ -34,13 +27,7 @@ from dist_ast.sparsity.layers import SubnetSparseMixin, SwitchableBatchNorm2d
 from dist_ast.sparsity.model import SubnetModel
 from dist_ast.subnets_io import load_subnet_model
 
-log = logging.getLogger(__name__)
-
 SPARSE_FORMAT = "dist_ast-sparse-v1"
-
-
-def is_torchvision(config: RunConfig) -> bool:
-    return config.model.name in ("resnet18", "resnet50")
 
 
 @torch.no_grad()
@@ -148,10 +135,6 @@ def densify(sparse: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def file_size(path: str | Path) -> int:
-    return Path(path).stat().st_size
-
-
 # -- command line ----------------------------------------------------------------------
 def export_to_files(
     ckpt: str | Path,
@@ -182,7 +165,7 @@ def export_to_files(
         "model": config.model.name,
         "out": str(out),
         "format": fmt,
-        "bytes": file_size(out),
+        "bytes": out.stat().st_size,
         "dense_bytes": dense_bytes,
         "sparsity": model.sparsity(subnet),
     }
@@ -195,7 +178,7 @@ def export_to_files(
         sparse_path = out.with_name(out.name + ".sparse.pt")
         torch.save(packed, sparse_path)
         report.update(
-            sparse=sparse, sparse_out=str(sparse_path), sparse_bytes=file_size(sparse_path)
+            sparse=sparse, sparse_out=str(sparse_path), sparse_bytes=sparse_path.stat().st_size
         )
     return report
 
@@ -243,10 +226,10 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point (`dist-ast-export`): exit status 0 on success."""
     main()
 
 
-def cli() -> None:
-    """Console-script entry point (`dist-ast-export`): exit status 0 on success."""
+if __name__ == "__main__":
     main()

@@ -36,12 +36,8 @@ def tensorboard_scalars(record: dict) -> dict[str, float]:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line; flushed at once so a killed run keeps its log.
-
-    With ``tensorboard`` the same scalars also go to TensorBoard event files in
-    ``<run_dir>/tb`` (``tensorboard --logdir <run_dir>/tb``). Rank 0 only: the other
-    ranks build a disabled writer.
-    """
+    """Appends one JSON object per line, flushed at once so a killed run keeps its log;
+    with ``tensorboard`` also to ``<run_dir>/tb``. Other ranks than 0 build it disabled."""
 
     def __init__(self, path: Path, enabled: bool = True, tensorboard: bool = True) -> None:
         self.path, self.enabled = Path(path), enabled

@@ -10,10 +10,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 
 class _Bar:
-    """Shows the loss of the last log step only: between log steps the trainer's loss is
-    a device tensor, and formatting it would wait for the GPU every step. The trainer's
-    ``log_metrics`` turns ``out["loss"]`` into a float; the bar picks it up then (at this
-    update, or the next one when the log follows the update)."""
+    """Shows the loss of the last log step only: between log steps the loss is a device
+    tensor, and formatting it would wait for the GPU every step (``log_metrics`` turns
+    ``out["loss"]`` into a float, picked up at this update or the next)."""
 
     def __init__(self, progress: Progress | None, total: int) -> None:
         self.progress, self.total = progress, total

@@ -244,10 +244,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     return written
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point (`dist-ast-report`): exit status 0 on success."""
     main()
 
 
-def cli() -> None:
-    """Console-script entry point (`dist-ast-report`): exit status 0 on success."""
+if __name__ == "__main__":
     main()
