@@ -1,19 +1,12 @@
 """Plots of a run, from its files: ``python -m dist_ast.report RUN_DIR [out=DIR] [ckpt=PATH]``.
 
-Reads ``metrics.jsonl`` (step records, and ``{"step", "eval": [...]}`` records when
-``train.eval_every > 0`` plus the final evaluation), ``config.json`` and the final masks
-(``model.pt`` or a checkpoint, see dist_ast.subnets_io), and writes PNGs to
-``RUN_DIR/report/``:
-
-* ``accuracy.png``: top-1 (solid) and top-5 (dashed) of every sub-net over the steps;
-* ``sparsity.png``: global sparsity of every sub-net over the steps, targets dotted;
-* ``layer_sparsity.png``: final sparsity of every sparse layer, per sub-net;
-* ``overlap.png``: per layer, the XOR non-overlap of every pair of sub-nets' masks (the
-  fraction of positions live in exactly one of the two) beside their sparsity gap (the
-  paper's Fig. 6);
-* ``gc.png``: the fraction of checked steps whose gradient conflicted with the previous
-  step's and was corrected by GC, cumulative and per logging interval (the paper's Fig. 4);
-* ``lr_loss.png``: training loss (per sub-net) and learning rate.
+Reads ``metrics.jsonl``, ``config.json`` and the final masks (``model.pt`` or a
+checkpoint, see dist_ast.subnets_io) and writes PNGs to ``RUN_DIR/report/``:
+``accuracy.png`` (top-1 solid, top-5 dashed, per sub-net), ``sparsity.png`` (global,
+targets dotted), ``layer_sparsity.png`` (final, per layer), ``overlap.png`` (per layer,
+the XOR non-overlap of each pair of sub-nets' masks beside their sparsity gap: the
+paper's Fig. 6), ``gc.png`` (fraction of checked steps whose gradient conflicted and
+was corrected, cumulative and per interval: Fig. 4) and ``lr_loss.png``.
 """
 
 from __future__ import annotations

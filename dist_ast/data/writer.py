@@ -353,22 +353,15 @@ def write_shards(
         log.info("resuming: %d of %d shards already complete", len(tasks) - len(todo), len(tasks))
     total = sum(len(t.items) for t in todo)
 
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich import progress as rp
 
-    bar = Progress(
-        TextColumn("[bold]shards[/] {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("images"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
+    bar = rp.Progress(
+        rp.TextColumn("[bold]shards[/] {task.description}"),
+        rp.BarColumn(),
+        rp.MofNCompleteColumn(),
+        rp.TextColumn("images"),
+        rp.TimeElapsedColumn(),
+        rp.TimeRemainingColumn(),
         disable=not progress,
     )
     progress_file = open(outd / PROGRESS, "a")  # noqa: SIM115 - closed below
