@@ -20,16 +20,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from dist_ast.checkpoint import (
+    Checkpointer,
     CheckpointError,
     check_resume,
+    complete_checkpoints,
     dcp_state,
     deepspeed_part,
     load_files,
     read_checkpoint,
 )
+from dist_ast.cli import hydra_main
 from dist_ast.config import ConfigError, RunConfig, config_as_dict
 from dist_ast.data import Loaders, build_loaders
 from dist_ast.distributed.ddp import wrap_model
@@ -41,6 +45,8 @@ from dist_ast.flops import TrainingFlops
 from dist_ast.metrics import MetricsWriter, print_summary_table, truncate_metrics
 from dist_ast.models import build_subnet_model
 from dist_ast.nonfinite import NonFiniteGuard, nonfinite
+from dist_ast.preemption import Preempted, PreemptionHandler, agree
+from dist_ast.progress import training_progress
 from dist_ast.sparsity import GradientCorrection, MaskedSGD, SparsitySchedule, SubnetModel
 from dist_ast.sparsity.updater import MaskUpdater
 from dist_ast.state_codecs import (
@@ -107,7 +113,6 @@ class Trainer:
     config: RunConfig
     dist: DistInfo
     model: SubnetModel
-    ddp_model: torch.nn.Module
     loaders: Loaders
     optimizer: MaskedSGD
     schedule: SparsitySchedule
@@ -118,15 +123,15 @@ class Trainer:
     step: int = 0
     scaler: torch.amp.GradScaler | None = None
     mask_updates: list[dict] = field(default_factory=list)
-    sync: Engine | None = None  # DDPEngine or DeepSpeedEngine, set by build_trainer
+    engine: Engine | None = None  # DDPEngine or DeepSpeedEngine, set by build_trainer
     guard: NonFiniteGuard | None = None  # train.nonfinite, set by build_trainer
 
     def __post_init__(self) -> None:
         if self.guard is None:
             t = self.config.train
             self.guard = NonFiniteGuard(t.nonfinite, t.max_skipped, self.dist.device)
-        if self.sync is not None:
-            self.sync.bind(self.optimizer, self.scaler)  # DDP steps them (DeepSpeed: its own)
+        if self.engine is not None:
+            self.engine.bind(self.optimizer, self.scaler)  # DDP steps them (DeepSpeed: its own)
 
     @property
     def mode(self) -> str:
@@ -146,11 +151,11 @@ class Trainer:
         for k in subnets:
             self.model.set_subnet(k)
             with self.autocast():
-                logits = self.sync.forward(x)
+                logits = self.engine.forward(x)
                 loss_k = F.cross_entropy(
                     logits.float(), y, label_smoothing=self.config.optim.label_smoothing
                 )
-            self.sync.backward(loss_k)
+            self.engine.backward(loss_k)
             loss = loss + loss_k.detach().double()  # summed as floats were
         return loss / len(subnets)
 
@@ -170,13 +175,13 @@ class Trainer:
         skipping = self.config.train.nonfinite == "skip"
         bn_state = [b.clone() for b in self.bn_buffers] if skipping else None
         self.optimizer.zero_grad(set_to_none=True)
-        self.sync.begin_step(updating)  # DDP's all-reduce sends only m_k unless k regrows
+        self.engine.begin_step(updating)  # DDP's all-reduce sends only m_k unless k regrows
 
         subnets = self.choose_subnets()  # 1. one sub-net (alternating) or all (joint)
         loss = self.forward_backward(subnets, x, y)  # 2.
         # 3.-6. mask, non-finite check, GC, masked update: on the gradients as the engine
         # sees them (DDP: the model's; DeepSpeed: flat fp32 partitions, inside its step)
-        ran, conflicted = self.sync.step(lambda g: self.update(g, step, subnets, loss))
+        ran, conflicted = self.engine.step(lambda g: self.update(g, step, subnets, loss))
         if not ran:  # DeepSpeed skipped its step (fp16 overflow): the loss still counts
             self.guard.observe(step, subnets[0], loss, nonfinite(loss, []))
         self.flops.add_step(subnets)  # rule 11: this step's passes at the masks they ran
@@ -187,13 +192,13 @@ class Trainer:
                 "step %d (sub-net %d): non-finite loss or gradient, skipped", step, subnets[0]
             )
             return self.step_record(loss, lr, subnets, None, False) | {"skipped": True}
-        self.sync.end_step()  # BatchNorm running statistics averaged over ranks
+        self.engine.end_step()  # BatchNorm running statistics averaged over ranks
 
         # 7. Prune-and-regrow of the sub-net(s) scheduled at this step.
         if updating:  # prune-and-regrow never ranks NaN scores
             self.check_finite()
         for k in updating:
-            self.regrow(k, step, self.sync.dense_grads(subnets, k))
+            self.regrow(k, step, self.engine.dense_grads(subnets, k))
         if updating:
             self.flops.refresh(self.model)  # the cost of the next steps
         return self.step_record(loss, lr, subnets, updating or None, conflicted)
@@ -232,7 +237,7 @@ class Trainer:
             new = broadcast_masks(new, self.model.masks(k))
         assert new is not None
         reset = self.updater.apply(k, new, self.optimizer)
-        self.sync.masks_changed(k)
+        self.engine.masks_changed(k)
         if self.dist.distributed:
             verify_masks(self.model)
         self.mask_updates.append({"step": step, "subnet": k, "reset": reset})
@@ -260,7 +265,7 @@ class Trainer:
             "subnet": subnets[0] if len(subnets) == 1 else None,
             "mask_update": mask_update,
             "gc_conflict": conflicted,
-            "comm_bytes": self.sync.step_bytes,
+            "comm_bytes": self.engine.step_bytes,
         }
 
     @property
@@ -272,8 +277,6 @@ class Trainer:
         """A device bool that is the same on every rank (OR over ranks under skip, whose
         per-step decision must agree; stop agrees when it reads, in check_finite)."""
         if self.dist.distributed and self.config.train.nonfinite == "skip":
-            import torch.distributed as dist
-
             flag = flag.to(torch.int32)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             flag = flag.bool()
@@ -282,11 +285,7 @@ class Trainer:
     def check_finite(self) -> None:
         """Stop (NonFiniteError, exit 5) if a step since the start was not finite: called
         on log steps, before a checkpoint or a mask update, and at the end."""
-        from dist_ast.checkpoint import complete_checkpoints
-
         if self.dist.distributed:
-            import torch.distributed as dist
-
             seen = (self.guard.first[:1] >= 0).to(torch.int32)
             dist.all_reduce(seen, op=dist.ReduceOp.MAX)
             if int(seen) and self.guard.first[0] < 0:  # only another rank saw it
@@ -323,10 +322,6 @@ class Trainer:
         # train.stop_after_steps: the first N steps of the unchanged schedule, then stop.
         stop = min(total, cfg.stop_after_steps or total)
         batches = iter(self.loaders.train)
-        from dist_ast.checkpoint import Checkpointer
-        from dist_ast.preemption import PreemptionHandler
-        from dist_ast.progress import training_progress
-
         checkpointer = Checkpointer(self)
         preemption = PreemptionHandler()
         try:
@@ -361,8 +356,6 @@ class Trainer:
     def step_boundary(self, checkpointer, preemption) -> None:  # noqa: ANN001
         """Between two steps: save when a trigger fires; on a signal (agreed by all ranks
         in one all-reduce) save this step on every rank and exit with the requeue code."""
-        from dist_ast.preemption import Preempted, agree
-
         checkpointer.finish_pending(wait=False)
         # on a CPU tensor (the CPU backend beside NCCL): no round trip to the GPU per step
         stop, timed = agree([preemption.requested, checkpointer.minutes_due])
@@ -395,10 +388,12 @@ class Trainer:
         }
         if self.scaler is not None:
             parts["scaler"] = ScalerState(self.scaler)
-        sync = self.sync  # engine=deepspeed: the engine's files beside the tensors
-        engine = deepspeed_part(getattr(sync, "engine", None), getattr(sync, "optimizer", None))
-        if engine is not None:
-            parts["deepspeed"] = engine
+        # engine=deepspeed: the DeepSpeed engine's own files beside the tensors
+        ds = deepspeed_part(
+            getattr(self.engine, "engine", None), getattr(self.engine, "optimizer", None)
+        )
+        if ds is not None:
+            parts["deepspeed"] = ds
         return parts
 
     def _set_step(self, clock: dict[str, int]) -> None:
@@ -555,11 +550,12 @@ def build_trainer(config: RunConfig, dist_info: DistInfo) -> Trainer:
         model.param_groups(o.weight_decay), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov
     )
     if config.engine.name == "deepspeed":  # its optimizer steps flat fp32 partitions
+        # imported here: `deepspeed` is an optional extra and slow to import
         from dist_ast.distributed.deepspeed_engine import wrap_deepspeed
 
-        ddp_model, sync, optimizer = wrap_deepspeed(model, optimizer, dist_info, config)
+        _, engine, optimizer = wrap_deepspeed(model, optimizer, dist_info, config)
     else:
-        ddp_model, sync = wrap_model(model, dist_info, config.engine)
+        _, engine = wrap_model(model, dist_info, config.engine)
     run_dir = Path(config.run_dir)
     # DeepSpeed bf16/fp16 casts the model itself: measure FLOPs with an input of its dtype.
     sample = next(iter(loaders.val))[0][:1].to(next(model.parameters()).dtype)
@@ -567,7 +563,6 @@ def build_trainer(config: RunConfig, dist_info: DistInfo) -> Trainer:
         config=config,
         dist=dist_info,
         model=model,
-        ddp_model=ddp_model,
         loaders=loaders,
         optimizer=optimizer,
         schedule=schedule,
@@ -580,14 +575,12 @@ def build_trainer(config: RunConfig, dist_info: DistInfo) -> Trainer:
         scaler=torch.amp.GradScaler(dist_info.device.type)
         if t.precision == "fp16" and config.engine.name == "ddp"
         else None,
-        sync=sync,
+        engine=engine,
     )
 
 
 def run(config: RunConfig) -> dict:
     """Train, evaluate every sub-net, write ``summary.json``; returns the summary."""
-    from dist_ast.preemption import Preempted
-
     dist_info = init_distributed(config.train.device, config.train.collective_timeout_minutes)
     with leave_together(agreed=(Preempted,)):
         run_dir = Path(config.run_dir)
@@ -618,8 +611,6 @@ def run(config: RunConfig) -> dict:
 
 def main() -> None:
     """Hydra entry point: ``python -m dist_ast.train experiment=<name> key=value …``."""
-    from dist_ast.cli import hydra_main
-
     hydra_main(run, config_name="config")
 
 

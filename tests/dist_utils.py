@@ -98,15 +98,14 @@ def build(config: RunConfig, dist_info: DistInfo, norm: str, dtype: torch.dtype,
     if config.engine.name == "deepspeed":
         from dist_ast.distributed.deepspeed_engine import wrap_deepspeed
 
-        wrapped, sync, optimizer = wrap_deepspeed(model, optimizer, dist_info, config)
+        _, engine, optimizer = wrap_deepspeed(model, optimizer, dist_info, config)
     else:
-        wrapped, sync = wrap_model(model, dist_info, config.engine)
+        _, engine = wrap_model(model, dist_info, config.engine)
     sample = torch.zeros(1, 3, 8, 8, dtype=dtype)
     return Trainer(
         config=config,
         dist=dist_info,
         model=model,
-        ddp_model=wrapped,
         loaders=Loaders(train=range(100), val=None, num_classes=10, train_size=100),
         optimizer=optimizer,
         schedule=schedule,
@@ -114,7 +113,7 @@ def build(config: RunConfig, dist_info: DistInfo, norm: str, dtype: torch.dtype,
         gc=GradientCorrection(enabled=config.ast.gradient_correction),
         flops=TrainingFlops.measure(model, sample, batch_size=config.train.batch_size),
         metrics=MetricsWriter(tmp / "metrics.jsonl", enabled=False),
-        sync=sync,
+        engine=engine,
     )
 
 
@@ -203,7 +202,10 @@ def _train_part(rank, world, info, out: str, engine: str, stages, norm: str, dty
         config = make_config(engine, stage)
         trainer = build(config, info, norm, dtype, Path(out))
         state = train(trainer, rank, world, dtype)
-        state["wrapper"] = type(getattr(trainer.ddp_model, "optimizer", None)).__name__
+        ds_engine = getattr(
+            trainer.engine, "engine", None
+        )  # DeepSpeed's own, under engine=deepspeed
+        state["wrapper"] = type(getattr(ds_engine, "optimizer", None)).__name__
         state["partitioned"] = getattr(trainer.optimizer, "partitioned", None)
         torch.save(state, Path(out) / f"{engine}{norm}{stage}_rank{rank}.pt")
 
