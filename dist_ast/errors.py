@@ -1,10 +1,7 @@
-"""Failures with a known cause, and how the command line reports them.
-
-An expected failure (a bad config value, a missing shard, a damaged checkpoint, a
-diverged run, a dead peer rank) is one line on stderr (what, where, the fix) and a
-documented exit code (README, "When things go wrong"); anything else keeps its
-traceback. Every error class of the package that a user can cause derives from
-:class:`ExpectedError`; this module imports nothing of dist_ast, so any layer can.
+"""Failures with a known cause, and how the command line reports them: an expected
+failure (bad config, missing shard, damaged checkpoint, diverged run, dead peer) is one
+line on stderr and a documented exit code (README, "When things go wrong"); anything
+else keeps its traceback. Imports nothing of dist_ast, so any layer can use it.
 """
 
 from __future__ import annotations
@@ -24,10 +21,7 @@ EXIT_PEER_LOST = 6
 
 class ExpectedError(Exception):
     """A failure the user can act on; ``exit_code`` is its documented exit status.
-
-    ``same_on_every_rank``: raised identically by every rank (a config value, a
-    checkpoint that all ranks read), so rank 0 alone reports it.
-    """
+    ``same_on_every_rank``: every rank raises it alike, so rank 0 alone reports it."""
 
     exit_code = 1
     kind = "error"

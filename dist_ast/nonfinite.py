@@ -1,16 +1,12 @@
 """The non-finite guard: a diverged run stops (or skips the step) before it saves NaN
 weights or ranks NaN scores.
 
-Per step the guard folds "is the loss or any gradient inf/nan" into a flag that stays on
-the device; it is read where the trainer already synchronizes: on log steps, before a
-checkpoint is written, before a mask update, at the end (``train.nonfinite=stop``).
-``train.nonfinite=skip`` must decide before the optimizer step, so it reads the flag
-every step (one host read, DESIGN §2's allowed one): the step is dropped with the
-optimizer, the GC direction, the masks and BatchNorm's running statistics untouched,
-and the run stops anyway after ``train.max_skipped`` consecutive skips.
-
-The flag comes from the all-reduced gradients (identical on every rank), so every rank
-reaches the same decision at the same step.
+Per step the guard folds "is the loss or any gradient inf/nan" into a device flag, read
+where the trainer already synchronizes (log steps, before a save or a mask update, at the
+end) under ``train.nonfinite=stop``. ``skip`` must decide before the optimizer step, so
+it reads the flag every step (DESIGN §2's one allowed host read) and stops after
+``train.max_skipped`` consecutive skips. The flag comes from all-reduced gradients, so
+every rank decides alike at the same step.
 """
 
 from __future__ import annotations
@@ -20,7 +16,7 @@ import math
 import torch
 
 from dist_ast.errors import EXIT_NONFINITE, ExpectedError
-from dist_ast.state_codecs import ints_to_tensors, tensors_to_ints
+from dist_ast.state_codecs import IntCounters
 
 
 class NonFiniteError(ExpectedError):
@@ -40,8 +36,10 @@ def nonfinite(loss: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
     return bad
 
 
-class NonFiniteGuard:
+class NonFiniteGuard(IntCounters):
     """Remembers the first bad step on the device; ``check`` reads it (one host read)."""
+
+    int_fields = ("skipped", "consecutive")
 
     def __init__(self, policy: str, max_skipped: int, device: torch.device) -> None:
         self.policy, self.max_skipped = policy, max_skipped
@@ -84,15 +82,3 @@ class NonFiniteGuard:
                 "resume from the newest checkpoint with the same command"
             )
         return True
-
-    def _counters(self) -> dict[str, int]:
-        return {"skipped": self.skipped, "consecutive": self.consecutive}
-
-    def _set_counters(self, c: dict[str, int]) -> None:
-        self.skipped, self.consecutive = int(c["skipped"]), int(c["consecutive"])
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return ints_to_tensors(self._counters())
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self._set_counters(tensors_to_ints(state))

@@ -1,26 +1,21 @@
 """Preemption: a signal sets a flag, all ranks agree on it at the next step boundary,
 save together and exit with the requeue code.
 
-Signals: SIGTERM (Slurm preemption, ``scancel``, ``scontrol requeue``, torchrun passing
-on its own SIGTERM), SIGUSR1 and SIGUSR2 (``sbatch --signal=USR1@…``, submitit's
-``USR2@90``). The handler only sets a flag: a save is collective, so it cannot run
-inside a signal handler on one rank. At each step boundary the ranks all-reduce
-(MAX) one small CPU tensor holding [this rank's flag, checkpoint-by-time due on this rank]:
-if any rank was signalled, every rank sees it at the same step and they save that step.
+SIGTERM (Slurm preemption, ``scancel``, torchrun), SIGUSR1/SIGUSR2 (``sbatch --signal``,
+submitit's ``USR2@90``) only set a flag: a save is collective, so it cannot run in one
+rank's signal handler. At each step boundary the ranks all-reduce (MAX) [this rank's
+flag, checkpoint-by-time due], so every rank saves at the same step.
 
-Exit code: ``REQUEUE_EXIT_CODE = 75`` (``EX_TEMPFAIL`` in sysexits.h: "temporary
-failure, the user is invited to retry"). It is distinct from success (0), a Python
-error (1), a config error (2) and death by signal (128+n), so wrappers can tell "saved,
-run me again" from a failure: ``slurm/r50_ast.sh`` requeues the job on it (or on the
-signal it trapped), a cluster may list it in slurm.conf's ``RequeueExit``, and
-``launch/submit.py`` hands it to submitit's requeue.
+``REQUEUE_EXIT_CODE = 75`` (``EX_TEMPFAIL``, "temporary failure, retry") differs from
+success, a Python error, a config error and death by signal, so wrappers can tell "saved,
+run me again" from a failure (``slurm/r50_ast.sh``, slurm.conf's ``RequeueExit``,
+``launch/submit.py``).
 """
 
 from __future__ import annotations
 
 import logging
 import signal
-import time
 from collections.abc import Iterable
 
 import torch
@@ -50,7 +45,6 @@ class PreemptionHandler:
 
     def __init__(self, signals: Iterable[signal.Signals] = SIGNALS) -> None:
         self.signum: int | None = None
-        self.received_at: float | None = None
         self._previous: dict[int, object] = {}
         for s in signals:
             try:
@@ -61,7 +55,6 @@ class PreemptionHandler:
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum is None:
             self.signum = signum
-            self.received_at = time.monotonic()
 
     @property
     def requested(self) -> bool:
@@ -72,17 +65,11 @@ class PreemptionHandler:
             signal.signal(s, h)  # type: ignore[arg-type]
         self._previous.clear()
 
-    def previous_handler(self, signum: int) -> object:
-        return self._previous.get(signum)
-
 
 def agree(flags: list[bool], group: object | None = None) -> list[bool]:
-    """Element-wise OR of boolean flags over all ranks, in one all-reduce.
-
-    The flags travel as a CPU tensor, through the group's CPU backend (gloo; CUDA runs
-    create the default group as ``cpu:gloo,cuda:nccl``): it runs every step, and a GPU
-    tensor would cost a host-to-device copy and a read-back that waits for the GPU.
-    """
+    """Element-wise OR of boolean flags over all ranks, in one all-reduce of a CPU
+    tensor (gloo beside NCCL): it runs every step, and a GPU tensor would cost a copy and
+    a read-back that waits for the GPU."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return list(flags)
     t = torch.tensor([int(f) for f in flags], dtype=torch.int32)

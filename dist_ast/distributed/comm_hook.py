@@ -1,39 +1,22 @@
 """Masked compact all-reduce: a DDP communication hook that sends only the active
 sub-net's gradient entries (DESIGN §2, "Gradients").
 
-In step t only the entries of m_k of each sparse weight are applied (the rest is masked
-away by the trainer), so all-reducing the other entries is wasted bandwidth. Per DDP
-bucket the hook packs the entries of m_k (and every entry of the non-sparse parameters
-in the bucket: biases, BatchNorm, dense layers) into one compact buffer, all-reduces it,
-and scatters it back. Entries outside m_k are *not* communicated: they come back holding
-this rank's local gradient, and the trainer's masking step (which one process needs as
-well) zeroes them, so the optimizer sees exactly the dense all-reduce masked to m_k;
-zeroing them here would cost a third memory pass over every bucket. Masks are identical on
-every rank (rank 0 decides them, see :mod:`dist_ast.distributed.mask_sync`), so the
-indices are never exchanged: each rank computes the same index list from its own masks.
+Per DDP bucket the hook packs the entries of m_k (and every entry of the bucket's
+non-sparse parameters) into one buffer, all-reduces it and scatters it back. Entries
+outside m_k keep this rank's local gradient: the trainer's masking, needed in one process
+too, zeroes them (zeroing here would be a third memory pass over the bucket). Masks are
+identical on every rank, so each computes the same index list and none is exchanged.
+Index lists are cached per (bucket, sub-net), keyed on the bucket's parameters (DDP
+rebuilds buckets after the first iteration) and on the masks' version counters (any
+in-place write, e.g. a checkpoint load, invalidates them).
 
-Index lists are cached per (bucket, sub-net) and rebuilt when that sub-net's masks
-change (:meth:`MaskedAllReduceState.masks_changed`, or any in-place write to the mask
-buffers, e.g. a checkpoint load, seen through their version counters) or the bucket's
-parameters change
-(DDP rebuilds its buckets after the first iteration; we key the cache on the bucket's
-parameter identities, so no warm-up iteration is needed).
-
-A plain (dense) all-reduce is used instead when
-
-* the step needs the dense gradient of the sub-net (prune-and-regrow ranks inactive
-  positions by it), announced with :meth:`MaskedAllReduceState.begin_step`, or
-* the bucket's active density exceeds ``max_density``: gathering and scattering are
-  memory passes over the whole bucket, and above some density they cost more than the
-  bytes they save.
-
-DDP hands the hook the *sum* of nothing: the bucket holds this rank's un-divided
-gradient, so we divide by the world size (as the built-in ``allreduce_hook`` does).
-Bytes put on the wire (the payload of each all-reduce) are counted per step and in total.
+A plain all-reduce is used when the step needs the sub-net's dense gradient (regrowth,
+announced by ``begin_step``) or the bucket's active density exceeds ``max_density``
+(above it, gathering and scattering cost more than the bytes they save). The bucket holds
+the un-divided local gradient, so we divide by the world size as ``allreduce_hook`` does.
 """
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations at runtime.
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +24,6 @@ import torch.distributed as dist
 
 from dist_ast.sparsity.layers import memory_order
 from dist_ast.sparsity.model import SubnetModel
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,8 +63,6 @@ class MaskedAllReduceState:
         self.dense_subnets: frozenset[int] = frozenset()
         self.step_bytes = 0  # payload bytes all-reduced since begin_step
         self.step_dense_bytes = 0  # what plain all-reduces of the same buckets would send
-        self.total_bytes = 0
-        self.total_dense_bytes = 0
 
     @property
     def world_size(self) -> int:
@@ -117,9 +96,7 @@ class MaskedAllReduceState:
 
     @torch.no_grad()
     def _version(self, subnet: int) -> tuple:
-        """Changes whenever sub-net ``subnet``'s masks may have: masks_changed(), or any
-        in-place write to a mask buffer (the updater's set_masks, a checkpoint load),
-        which bumps the tensor's version counter, or a replaced buffer."""
+        """Changes whenever sub-net ``subnet``'s masks may have (see the module docstring)."""
         masks = self.model.masks(subnet)
         return (
             self._versions[subnet],
@@ -163,32 +140,25 @@ class MaskedAllReduceState:
         ws = self.world_size
         dense_bytes = buffer.numel() * buffer.element_size()
         self.step_dense_bytes += dense_bytes
-        self.total_dense_bytes += dense_bytes
         subnet = self.model.subnet
         plan = None
         if self.enabled and subnet not in self.dense_subnets:
             plan = self.plan(key, buffer, params, subnet)
         if plan is None or not plan.compact:
-            self._count(dense_bytes)
+            self.step_bytes += dense_bytes
             buffer.div_(ws)
             work = dist.all_reduce(buffer, group=self.process_group, async_op=True)
             return work.get_future().then(lambda fut: fut.value()[0])
         index = plan.index
         packed = buffer.index_select(0, index).div_(ws)
-        self._count(packed.numel() * packed.element_size())
+        self.step_bytes += packed.numel() * packed.element_size()
         work = dist.all_reduce(packed, group=self.process_group, async_op=True)
-        # No zeroing pass over the bucket: entries outside m_k keep this rank's local
-        # gradient and the trainer's masking (train_step, step 2) zeroes them, as it must
-        # in one process too. Zeroing here would be a third memory pass over the bucket.
+        # entries outside m_k keep the local gradient: the trainer's masking zeroes them
 
         def unpack(fut: torch.futures.Future) -> torch.Tensor:
             return buffer.index_copy_(0, index, fut.value()[0])
 
         return work.get_future().then(unpack)
-
-    def _count(self, nbytes: int) -> None:
-        self.step_bytes += nbytes
-        self.total_bytes += nbytes
 
 
 def masked_allreduce_hook(

@@ -1,20 +1,13 @@
 """Wrap the SubnetModel for data-parallel training: :class:`DDPEngine`, the DDP side of
 the engine interface (:mod:`dist_ast.distributed.engine`).
 
-Choices, and why:
-
-* Masks are excluded from DDP's buffers: rank 0 decides them and broadcasts them
-  bit-packed after each update (:mod:`dist_ast.distributed.mask_sync`); DDP would
-  otherwise re-send every mask of every sub-net at every forward.
-* BatchNorm running statistics: ``broadcast_buffers=False``; each rank normalizes its
-  own batch and after every step the running statistics are *averaged* over ranks
-  (:func:`~dist_ast.distributed.mask_sync.average_buffers`, one small all-reduce). Every
-  rank then holds identical statistics, so evaluation and checkpoints agree across
-  ranks, and the running mean uses all ranks' samples rather than rank 0's alone (the
-  mean of per-rank means is the global-batch mean). DDP's default, rank 0's statistics
-  broadcast at the next forward, leaves the ranks different after the last step.
-* Gradients go through the masked compact all-reduce hook
-  (:mod:`dist_ast.distributed.comm_hook`) unless ``engine.compact_allreduce=false``.
+* Masks are not DDP buffers: rank 0 decides them and broadcasts them bit-packed after an
+  update (:mod:`~dist_ast.distributed.mask_sync`); DDP would re-send them every forward.
+* ``broadcast_buffers=False``: after every step BatchNorm's running statistics are
+  averaged over ranks (``average_buffers``), so ranks agree and use every rank's samples;
+  DDP's default (rank 0's at the next forward) leaves them different after the last step.
+* Gradients go through the masked compact all-reduce hook (:mod:`~.comm_hook`) unless
+  ``engine.compact_allreduce=false``.
 """
 
 from __future__ import annotations
@@ -161,8 +154,7 @@ def wrap_model(
         return model, DDPEngine(model, dist_info, model)
     DDP._set_params_and_buffers_to_ignore_for_model(model, mask_buffer_names(model))
     device_ids = [dist_info.local_rank] if dist_info.device.type == "cuda" else None
-    # No buffer broadcast at each forward (see the module docstring); newer torch renames
-    # the switch to forward_sync_buffers.
+    # newer torch renames broadcast_buffers to forward_sync_buffers
     no_sync = (
         {"forward_sync_buffers": False}
         if "forward_sync_buffers" in inspect.signature(DDP).parameters

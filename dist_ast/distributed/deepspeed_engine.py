@@ -1,36 +1,16 @@
 """DeepSpeed as the second engine (``engine=deepspeed``, ZeRO stage 0, 1 or 2) with the
 same AST semantics as the DDP path.
 
-The difficulty: under ZeRO-1/2 (and bf16/fp16 at any stage) the optimizer DeepSpeed
-calls does not see the model's parameters but flat fp32 partitions (each rank owns one
-slice of the concatenation of a parameter group), and it is called once per group.
-Our choice: **masks as flat partitions**. The client optimizer is
-:class:`PartitionMaskedSGD`, a :class:`~dist_ast.sparsity.optim.MaskedSGD` that, inside
-``step()``, runs the trainer's update (``Trainer.update``: mask, non-finite check, GC,
-masked step) on a :class:`PartitionGrads` view of exactly the tensors DeepSpeed hands it:
-
-1. it maps each model parameter to the fragment of the flat partition it owns
-   (DeepSpeed's own ``_hp_mapping``: the fragment's start in the parameter and in the
-   partition; identity for ZeRO-0 fp32, where the optimizer holds the parameters),
-2. builds the flat masks of the active sub-net over that partition (cached per sub-net,
-   rebuilt after a mask update): m_k for sparse weights, row k for switchable
-   BatchNorm, everything for the rest,
-3. masks the (all-reduced, averaged, unscaled) gradient to m_k,
-4. runs gradient correction on it; the partitions of different ranks are disjoint, so
-   g·ĝ and ‖ĝ‖² are sums of per-rank partial dot products, all-reduced as two scalars
-   (``reduce_group`` of :func:`~dist_ast.sparsity.gradient_correction.project_conflict`),
-5. applies the masked SGD update (momentum, nesterov, weight decay only inside the
-   update mask), so inactive weights and other sub-nets' BatchNorm rows do not move.
-
-On prune-and-regrow steps it also assembles the dense averaged gradient of the sparse
-weights (each rank fills the fragments it owns, one all-reduce) for rank 0's decision;
-rank 0 decides and broadcasts as in the DDP path. Newly grown weights are zeroed in the
-fp32 master partition and in the momentum too (``reset_state``), not only in the bf16
-copy. Plain torch SGD as client optimizer is refused: it would move every weight.
-
-All sparse weights must live in one optimizer parameter group (we build the groups:
-decay = every weight of ndim > 1, no decay = BatchNorm and biases), so that GC sees the
-whole sparse gradient in one call. Joint training is not supported by this engine.
+Under ZeRO-1/2 (and bf16/fp16 at any stage) DeepSpeed's optimizer sees flat fp32
+partitions, not the model's parameters, and is called once per parameter group. So the
+client optimizer, :class:`PartitionMaskedSGD`, runs the trainer's update inside
+``step()`` on a :class:`PartitionGrads` view of those partitions: each model parameter is
+mapped to its fragment (DeepSpeed's ``_hp_mapping``), the active sub-net's masks are
+built over the partition, and GC sums its dot products over the reduce group (the ranks'
+partitions are disjoint). Regrowth gets the dense gradient assembled from every rank's
+fragments (one all-reduce); grown weights are zeroed in the fp32 master and momentum too.
+All sparse weights live in parameter group 0, so GC sees them in one call. Plain torch SGD
+would move every weight and is refused; joint mode is not supported by this engine.
 """
 
 from __future__ import annotations
@@ -53,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 def deepspeed_config(config: RunConfig, world_size: int) -> dict:
-    """The DeepSpeed config dict, built from our config (nothing is read from JSON)."""
+    """The DeepSpeed config dict, built from our config."""
     t, e = config.train, config.engine
     bucket = int(e.bucket_cap_mb * 2**20 / 4)  # elements
     ds: dict = {
@@ -119,9 +99,8 @@ class PartitionMaskedSGD(MaskedSGD):
 
     # -- layout -------------------------------------------------------------------------
     def link(self, partitioned: bool, reduce_group: object | None) -> None:
-        """Map every tensor this optimizer steps to the model-parameter fragments in it.
-
-        Called once after ``deepspeed.initialize`` has replaced our parameters."""
+        """Map every tensor this optimizer steps to the model-parameter fragments in it
+        (once, after ``deepspeed.initialize`` has replaced our parameters)."""
         self.partitioned, self.reduce_group = partitioned, reduce_group
         self._segments.clear()
         flats = {id(p): p for g in self.param_groups for p in g["params"]}
@@ -244,9 +223,7 @@ class PartitionMaskedSGD(MaskedSGD):
 
 class PartitionGrads:
     """This rank's flat fp32 partitions (all-reduced, averaged, unscaled) as one call of
-    DeepSpeed's optimizer step sees them: masks m_k for sparse weights, row k for
-    switchable BatchNorm, everything for the rest; GC sums its dot products over the
-    reduce group when the partitions are disjoint."""
+    DeepSpeed's optimizer step sees them."""
 
     finite = None  # DeepSpeed skips an overflowing fp16 step before calling the optimizer
 
@@ -297,7 +274,7 @@ class DeepSpeedEngine(Engine):
         optimizer: PartitionMaskedSGD,  # noqa: ANN001
     ) -> None:
         self.model, self.dist = model, dist
-        self.engine, self.optimizer = engine, optimizer  # checkpoint.py saves/loads these
+        self.engine, self.optimizer = engine, optimizer
         self.dense: list[torch.Tensor] | None = None
 
     def begin_step(self, dense_subnets: list[int]) -> None:
@@ -363,8 +340,7 @@ def wrap_deepspeed(
     model: SubnetModel, optimizer: MaskedSGD, dist_info: DistInfo, config: RunConfig
 ) -> tuple[torch.nn.Module, DeepSpeedEngine, PartitionMaskedSGD]:
     """``deepspeed.initialize`` with our optimizer; returns (DeepSpeed's engine, ours, the
-    optimizer). RunConfig has refused what DeepSpeed cannot run (joint mode, mixed
-    precision at ZeRO 0)."""
+    optimizer)."""
     try:
         import deepspeed
     except ImportError as e:  # pragma: no cover - depends on the install

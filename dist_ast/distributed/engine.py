@@ -1,18 +1,10 @@
 """What differs between the two engines, behind one small interface.
 
-:class:`~dist_ast.train.Trainer` runs the one training step for every mode and engine;
-an engine (:class:`~dist_ast.distributed.ddp.DDPEngine`,
-:class:`~dist_ast.distributed.deepspeed_engine.DeepSpeedEngine`) owns only
-
-* the wrapping: ``forward(x)`` runs the wrapped model (DDP, DeepSpeed, or the model),
-* ``backward(loss)``,
-* the gradients as the optimizer step sees them, handed to the trainer's update as a
-  :class:`StepGrads` by ``step(update)`` (DDP: the model's own, all-reduced;
-  DeepSpeed: this rank's flat fp32 partitions, with the reduce group GC sums over),
-  and the optimizer step itself (``StepGrads.step``),
-* ``dense_grads(k)``: sub-net k's dense averaged gradient for its prune-and-regrow.
-
-What both share lives here: BatchNorm averaging after the step, no-op hooks.
+:class:`~dist_ast.train.Trainer` runs the one training step; an engine (``DDPEngine``,
+``DeepSpeedEngine``) owns only the wrapping (``forward``), ``backward(loss)``, the
+gradients as the optimizer step sees them (a :class:`StepGrads` handed to the trainer's
+update by ``step(update)``: DDP's all-reduced model gradients, or DeepSpeed's flat fp32
+partitions with the reduce group GC sums over) and ``dense_grads`` for regrowth.
 """
 
 from __future__ import annotations

@@ -14,14 +14,10 @@ cancel only with probability about 2^-64.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.distributed as dist
 
 from dist_ast.sparsity.model import SubnetModel
-
-log = logging.getLogger(__name__)
 
 _BIT_WEIGHTS = [1 << i for i in range(8)]
 _MIX_A = 0x9E3779B97F4A7C15 - (1 << 64)  # splitmix64 constants as signed int64
@@ -93,10 +89,8 @@ def broadcast_masks(
     src: int = 0,
     group: dist.ProcessGroup | None = None,
 ) -> list[torch.Tensor]:
-    """Send rank ``src``'s ``masks`` (bool, shaped like ``like``) to every rank, bit-packed.
-
-    Other ranks pass ``masks=None``. Returns the masks on every rank.
-    """
+    """Rank ``src``'s ``masks`` (bool, shaped like ``like``; None elsewhere) on every
+    rank, sent bit-packed."""
     nbytes = (sum(t.numel() for t in like) + 7) // 8
     device = like[0].device
     if dist.get_backend(group) == "gloo":
@@ -111,15 +105,8 @@ def broadcast_masks(
 
 
 def average_buffers(model: torch.nn.Module, group: dist.ProcessGroup | None = None) -> None:
-    """Average every floating-point buffer (BatchNorm running statistics) over ranks.
-
-    Our choice for BatchNorm statistics under data parallelism: each rank normalizes its
-    own batch (no SyncBatchNorm), and after every step the running statistics are
-    averaged, so every rank holds the same statistics (evaluation and checkpoints agree
-    across ranks) and running_mean equals that of one process with the global batch at
-    the first step (the mean of per-rank means is the global mean). Masks are bool
-    buffers and are never touched here.
-    """
+    """Average every floating-point buffer (BatchNorm running statistics) over ranks (no
+    SyncBatchNorm; see :mod:`~dist_ast.distributed.ddp`). Bool masks are untouched."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) < 2:
         return
     bufs = [b for b in model.buffers() if b.is_floating_point()]

@@ -1,19 +1,11 @@
-"""Process-group setup from the launcher's environment: one process per GPU (or per CPU
-core group), NCCL for CUDA tensors with gloo beside it for CPU tensors, gloo alone on
-CPU, world size 1 with no launcher at all.
+"""Process-group setup from the launcher's environment: NCCL with gloo beside it on CUDA,
+gloo alone on CPU, world size 1 with no launcher at all.
 
-Three launchers describe a job, in this order of precedence:
-
-1. ``torchrun`` (also ``srun torchrun``): ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` and
-   ``MASTER_ADDR``/``MASTER_PORT`` are already set; we use them as they are.
-2. submitit (``SUBMITIT_EXECUTOR`` set): ``submitit.helpers.TorchDistributedEnvironment``
-   exports the same variables from its job environment.
-3. Slurm (``srun python -m dist_ast.train`` with one task per GPU): ``SLURM_PROCID``,
-   ``SLURM_STEP_NUM_TASKS`` (else ``SLURM_NTASKS``), ``SLURM_LOCALID``, inside an srun step
-   only (``SLURM_STEP_ID`` set); the head node is the first host of the step's node list
-   (``SLURM_STEP_NODELIST``, else ``SLURM_JOB_NODELIST``) and the port is derived from
-   ``SLURM_JOB_ID``, so every task computes the same rendezvous address without talking
-   to the others.
+Launchers, in this order of precedence: ``torchrun`` (``RANK``/``WORLD_SIZE``/... are
+used as they are); submitit (``SUBMITIT_EXECUTOR``: its ``TorchDistributedEnvironment``);
+Slurm inside an srun step (``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID``;
+the head node is the first host of the step's node list and the port comes from
+``SLURM_JOB_ID``, so every task computes the same rendezvous without talking to others).
 """
 
 from __future__ import annotations
@@ -145,7 +137,7 @@ def slurm_port(job_id: str | int) -> int:
 
 
 def detect_launch(env: Mapping[str, str] | None = None) -> LaunchEnv:
-    """Read the launcher's variables (no side effects; see module docstring for the order)."""
+    """Read the launcher's variables (no side effects)."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
         port = env.get("MASTER_PORT")
@@ -204,11 +196,8 @@ def export_launch(launch: LaunchEnv, env: MutableMapping[str, str] | None = None
 
 
 def process_group_backend(device: torch.device) -> str:
-    """The default group's backend for a run on ``device``.
-
-    CUDA runs still send a few CPU tensors (mask checksums, the preemption flag, DCP's
-    planning); a plain ``"nccl"`` group has no CPU backend and fails on them, so gloo
-    serves the CPU tensors beside NCCL."""
+    """The default group's backend: CUDA runs still send a few CPU tensors (mask
+    checksums, the preemption flag, DCP's planning), which a plain NCCL group fails on."""
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
@@ -218,11 +207,9 @@ def cuda_device_index(
     device_count: int,
     gpus_bound_per_task: bool = False,
 ) -> int:
-    """The GPU this process uses: its local rank, one process per GPU.
-
-    Two ranks sharing a GPU would fail later and obscurely in NCCL, so more processes on a
-    node than visible GPUs is a ``ConfigError`` at start. ``gpus_bound_per_task``: the
-    launcher gave every task its own GPU(s) (``srun --gpus-per-task``), so device 0."""
+    """The GPU this process uses: its local rank (device 0 when ``srun --gpus-per-task``
+    bound GPUs per task). Two ranks sharing a GPU would fail later and obscurely in NCCL,
+    so more processes than visible GPUs is a ``ConfigError`` at start."""
     if device_count < 1:
         raise ConfigError(
             "invalid train.device=cuda: no CUDA device is visible to this process "
@@ -241,11 +228,8 @@ def cuda_device_index(
 
 
 def init_distributed(device: str = "auto", timeout_minutes: float = 10.0) -> DistInfo:
-    """Join the process group the launcher describes (torchrun, submitit or Slurm).
-
-    On CUDA this also turns on ``cudnn.benchmark``: training shapes are fixed, so the
-    fastest convolution algorithm is searched once per shape (evaluation's last, smaller
-    batch adds one more search)."""
+    """Join the process group the launcher describes. On CUDA also ``cudnn.benchmark``:
+    training shapes are fixed, so the algorithm search runs once per shape."""
     launch = detect_launch()
     if launch.world_size > 1:
         export_launch(launch)
@@ -282,15 +266,11 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 10.0) -> Dis
 
 
 def destroy_distributed(synchronize: bool = False) -> None:
-    """Leave the process group; with ``synchronize`` (the success path), first meet every rank.
-
-    Without the meeting a fast rank (rank 0 also serves the rendezvous store) can close
-    its connections while a peer is still finishing, and a DDP reducer or comm-hook future
-    (they hold Python callbacks) freed only in interpreter teardown can abort a finished
-    process ("terminate called without an active exception"). So: a bounded barrier, gc
-    while Python is alive, then destroy. After an error pass ``synchronize=False``: a
-    barrier would wait for ranks stuck elsewhere.
-    """
+    """Leave the process group; with ``synchronize`` (the success path) first meet every
+    rank. Without it rank 0 (which serves the rendezvous store) can close while a peer is
+    finishing, and a DDP reducer freed only in interpreter teardown can abort a finished
+    process ("terminate called without an active exception"): so a bounded barrier, gc
+    while Python is alive, then destroy. After an error a barrier would hang."""
     if not dist.is_initialized():
         return
     if synchronize and dist.get_world_size() > 1:
