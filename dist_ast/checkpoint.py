@@ -288,9 +288,8 @@ class DeepSpeedFiles:
         self.engine.load_checkpoint(str(folder), tag="engine")
 
 
-def deepspeed_part(engine: Any, _optimizer: Any = None) -> DeepSpeedFiles | None:
-    """The file part of a DeepSpeed engine; None for anything else (engine=ddp).
-    (``_optimizer`` is unused: train.py still passes it.)"""
+def deepspeed_part(engine: Any) -> DeepSpeedFiles | None:
+    """The file part of a DeepSpeed engine; None for anything else (engine=ddp)."""
     if engine is None or not hasattr(engine, "save_checkpoint"):
         return None
     return DeepSpeedFiles(engine)

@@ -15,7 +15,7 @@ from torch import nn
 
 from dist_ast.sparsity.layers import SubnetSparseMixin
 from dist_ast.sparsity.model import SubnetModel
-from dist_ast.state_codecs import ints_to_tensors, tensors_to_ints
+from dist_ast.state_codecs import IntCounters
 
 
 def layer_forward_flops(model: nn.Module, sample: torch.Tensor) -> dict[str, int]:
@@ -48,7 +48,7 @@ def layer_forward_flops(model: nn.Module, sample: torch.Tensor) -> dict[str, int
 
 
 @dataclass
-class TrainingFlops:
+class TrainingFlops(IntCounters):
     """Cumulative training FLOPs of this run, and of training each sub-net on its own."""
 
     sparse_flops: dict[str, int]  # per sample, dense, by module name
@@ -57,6 +57,7 @@ class TrainingFlops:
     total: int = 0
     individual: int = 0  # what N separate runs with these density trajectories would cost
     _step_cost: list[int] = field(default_factory=list)
+    int_fields = ("total", "individual")  # the checkpointed state (IntCounters)
 
     @classmethod
     def measure(cls, model: SubnetModel, sample: torch.Tensor, batch_size: int) -> TrainingFlops:
@@ -84,15 +85,3 @@ class TrainingFlops:
     def add_step(self, subnets: list[int]) -> None:
         self.total += sum(self._step_cost[k] for k in subnets)
         self.individual += sum(self._step_cost)
-
-    def _counters(self) -> dict[str, int]:
-        return {"total": self.total, "individual": self.individual}
-
-    def _set_counters(self, c: dict[str, int]) -> None:
-        self.total, self.individual = int(c["total"]), int(c["individual"])
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return ints_to_tensors(self._counters())
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self._set_counters(tensors_to_ints(state))

@@ -1,16 +1,15 @@
 """Read a trained model back for the tools that use the sub-nets (evaluate, export,
 dynamic inference, report), whatever wrote it: a ``torch.save`` file ``{"config",
 "model"}`` (``run_dir/model.pt``, written at the end of training), a DCP checkpoint folder
-``run_dir/checkpoints/step-<N>/`` (read without a process group; the config from the
-checkpoint, else the run folder's ``config.json``), or a run folder (its ``model.pt``, or
-a newer complete checkpoint).
+``run_dir/checkpoints/step-<N>/`` (read without a process group; the config from its
+meta.json), or a run folder (its ``model.pt``, or a newer complete checkpoint). Neither
+reader unpickles arbitrary objects.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from dist_ast.checkpoint import complete_checkpoints
-from dist_ast.checkpoint_io import SafeFileSystemReader, read_meta
+from dist_ast.checkpoint_io import CheckpointError, SafeFileSystemReader, read_meta
 from dist_ast.config import RunConfig, to_run_config
 from dist_ast.models import build_subnet_model
 from dist_ast.sparsity.model import SubnetModel
@@ -72,36 +71,22 @@ def _config_from(obj: Any) -> dict | None:
     return None
 
 
-def _model_entries(state: dict) -> dict[str, torch.Tensor]:
-    """The model's tensors out of a (possibly flattened) DCP state dict."""
-    if isinstance(state.get("model"), dict):
-        return state["model"]
-    for prefix in ("model.", "model/"):
-        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        if sub:
-            return sub
-    raise KeyError(f"no model entries in the checkpoint (keys: {sorted(state)[:8]} …)")
-
-
-def _load_dcp(folder: Path) -> tuple[dict | None, dict[str, torch.Tensor]]:
+def _load_dcp(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """A dist_ast checkpoint (meta.json + DCP): only the model's entries are read, into a
     model built from the saved config, with no process group and the checkpoint module's
-    restricted metadata unpickler. Another DCP folder: converted whole to torch.save."""
-    if (folder / "meta.json").is_file():
-        config_dict = read_meta(folder)["config"]
-        config = to_run_config(config_dict)
-        model = build_subnet_model(config.model, config.ast.num_subnets)
-        state = {"model": model.state_dict()}
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(folder)), no_dist=True)
-        return config_dict, state["model"]
-
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "ckpt.pt"
-        dcp_to_torch_save(str(folder), str(out))
-        state = torch.load(out, map_location="cpu", weights_only=False)
-    return _config_from(state.get("config")), _model_entries(state)
+    restricted metadata unpickler (a DCP folder of another program is refused: reading
+    it whole would unpickle whatever it holds)."""
+    if not (folder / "meta.json").is_file():
+        raise CheckpointError(
+            f"{folder} has no meta.json: not a dist_ast checkpoint (give a run folder, "
+            "its model.pt or one of its checkpoints/step-<N> folders)"
+        )
+    config_dict = read_meta(folder)["config"]
+    config = to_run_config(config_dict)
+    model = build_subnet_model(config.model, config.ast.num_subnets)
+    state = {"model": model.state_dict()}
+    dcp.load(state, storage_reader=SafeFileSystemReader(str(folder)), no_dist=True)
+    return config_dict, state["model"]
 
 
 def load_model_state(path: str | Path) -> tuple[RunConfig, dict[str, torch.Tensor]]:
@@ -110,15 +95,8 @@ def load_model_state(path: str | Path) -> tuple[RunConfig, dict[str, torch.Tenso
     p = resolve_checkpoint(path)
     if p.is_dir():
         config, model = _load_dcp(p)
-        if config is None:
-            for candidate in (p.parent.parent / "config.json", p / "config.json"):
-                if candidate.is_file():
-                    config = json.loads(candidate.read_text())
-                    break
-        if config is None:
-            raise FileNotFoundError(f"{p}: the checkpoint holds no config and no config.json")
-    else:
-        state = torch.load(p, map_location="cpu", weights_only=False)
+    else:  # tensors, dicts and plain values only: nothing in the file runs code
+        state = torch.load(p, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or "model" not in state or "config" not in state:
             raise ValueError(f"{p} is not a dist_ast model file (expected keys config, model)")
         config, model = _config_from(state["config"]), state["model"]

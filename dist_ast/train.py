@@ -389,9 +389,7 @@ class Trainer:
         if self.scaler is not None:
             parts["scaler"] = ScalerState(self.scaler)
         # engine=deepspeed: the DeepSpeed engine's own files beside the tensors
-        ds = deepspeed_part(
-            getattr(self.engine, "engine", None), getattr(self.engine, "optimizer", None)
-        )
+        ds = deepspeed_part(getattr(self.engine, "engine", None))
         if ds is not None:
             parts["deepspeed"] = ds
         return parts

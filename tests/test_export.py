@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint
 import torchvision
 from torch import nn
 
+from dist_ast.checkpoint_io import CheckpointError
 from dist_ast.config import ASTConfig, ModelConfig, RunConfig, config_as_dict
 from dist_ast.export import densify, export_subnet, export_to_files, sparse_subnet
 from dist_ast.subnets_io import load_model_state, load_subnet_model, save_model_state
@@ -102,6 +104,32 @@ def test_load_model_state_rejects_other_files(tmp_path):
         load_model_state(tmp_path / "x.pt")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_model_state(tmp_path / "missing")
+
+
+class _RunsCode:
+    """A pickle that would run ``touch`` when loaded with weights_only=False."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_load_model_state_never_unpickles_code(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"config": {}, "model": {}, "extra": _RunsCode(marker)}, tmp_path / "bad.pt")
+    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+        load_model_state(tmp_path / "bad.pt")
+    assert not marker.exists()
+
+
+def test_a_dcp_folder_of_another_program_is_refused_in_one_line(tmp_path):
+    folder = tmp_path / "foreign"
+    torch.distributed.checkpoint.save({"w": torch.ones(2)}, checkpoint_id=str(folder), no_dist=True)
+    with pytest.raises(CheckpointError, match="no meta.json: not a dist_ast checkpoint") as e:
+        load_model_state(folder)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.slow
