@@ -219,17 +219,6 @@ def test_bench_data_smoke(tmp_path: Path) -> None:
     assert rows[0]["ratio"] == 1.0
 
 
-def test_dali_state_has_fixed_shapes_for_in_place_loading() -> None:
-    from dist_ast.data.dali import STATE_BYTES, pack_bytes, unpack_bytes
-
-    for data in (b"", b"\x00\x01abc" * 50):
-        t = pack_bytes(data)
-        assert t.shape == (STATE_BYTES,) and t.dtype == torch.uint8
-        assert unpack_bytes(t) == data
-    with pytest.raises(RuntimeError, match="STATE_BYTES"):
-        pack_bytes(b"x" * STATE_BYTES)
-
-
 def test_dali_resume_from_plain_ints(digits: Path) -> None:
     """The state is plain ints (what dist_ast.checkpoint stores); a new loader resumes."""
     from dist_ast.data.dali import bytes_to_ints, ints_to_bytes

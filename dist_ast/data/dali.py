@@ -26,31 +26,6 @@ LABEL_BYTES = 8  # ``cls`` is decimal text: padded to 8 bytes in the pipeline, p
 SHUFFLE_FILL = 1024
 
 
-STATE_BYTES = 16384  # DALI's checkpoint is about 400 bytes (reader position, RNG states)
-
-
-def pack_bytes(data: bytes, size: int = STATE_BYTES) -> torch.Tensor:
-    """bytes -> uint8 tensor of a fixed size: 8-byte little-endian length, data, zeros."""
-    if len(data) + 8 > size:
-        raise RuntimeError(
-            f"DALI checkpoint of {len(data)} bytes exceeds the loader state's {size - 8}: "
-            "raise dist_ast.data.dali.STATE_BYTES"
-        )
-    out = torch.zeros(size, dtype=torch.uint8)
-    out[:8] = torch.frombuffer(bytearray(len(data).to_bytes(8, "little")), dtype=torch.uint8)
-    if data:
-        out[8 : 8 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return out
-
-
-def unpack_bytes(t: torch.Tensor) -> bytes:
-    raw = t.detach().cpu().contiguous().numpy().tobytes()
-    n = int.from_bytes(raw[:8], "little")
-    if n + 8 > len(raw):
-        raise ValueError(f"corrupt loader state: length {n} in a {len(raw)}-byte tensor")
-    return raw[8 : 8 + n]
-
-
 def bytes_to_ints(data: bytes, prefix: str = "dali") -> dict[str, int]:
     """bytes -> {prefix_len: n, prefix_0000: word, ...}, 8-byte little-endian words."""
     out = {f"{prefix}_len": len(data)}
@@ -310,10 +285,7 @@ class DaliTrainLoader(SliceLoader):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self.batches_consumed = int(state["batches_consumed"])
-        if "dali_checkpoint" in state:  # the packed-tensor form
-            cp = unpack_bytes(state["dali_checkpoint"])
-        else:
-            cp = ints_to_bytes(state)
+        cp = ints_to_bytes(state)
         if not cp and (self.epoch or self.batches_consumed):
             log.warning(
                 "no DALI checkpoint in the loader state: the reader restarts at the beginning "
