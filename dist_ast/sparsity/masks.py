@@ -17,14 +17,11 @@ SAMPLE_SIZE = 1 << 15  # sample size that brackets the k-th largest value
 
 
 def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest value of a 1-D tensor, exactly (1 <= k <= n; no NaN).
-
-    kthvalue over 25M scores costs about a quarter of a dense ResNet-50 step on CPU, and
-    one update calls it ~100 times. Above ``SAMPLED_SELECT_MIN`` elements a strided
-    sample brackets the answer (Floyd–Rivest), one pass counts what lies above the
-    bracket, and kthvalue runs on the ~2% inside it. The sample only decides the speed:
-    when the bracket misses, kthvalue runs on everything, so the value is always exact.
-    (``SAMPLED_SELECT_MIN`` and ``SAMPLE_SIZE`` are read per call: tests shrink them.)
+    """The k-th largest value of a 1-D tensor, exactly (1 <= k <= n; no NaN). kthvalue on
+    25M scores costs a quarter of a dense ResNet-50 CPU step, ~100 calls an update: above
+    ``SAMPLED_SELECT_MIN`` a strided sample brackets the answer (Floyd–Rivest), one pass
+    counts what lies above, kthvalue runs on the ~2% inside; a missed bracket falls back to
+    all of it, so the value is exact. (Both constants are read per call: tests shrink them.)
     """
     n = flat.numel()
     if not 1 <= k <= n:
@@ -56,10 +53,8 @@ def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the k largest scores (flat); ties go to the lower index.
-
-    O(n) via a selection of the k-th largest value (:func:`kth_largest`), not a sort.
-    """
+    """Bool mask of the k largest scores (flat), ties to the lower index; O(n) by
+    :func:`kth_largest`, not a sort."""
     flat = scores.reshape(-1)
     n = flat.numel()
     if not 0 <= k <= n:
@@ -97,11 +92,9 @@ def random_masks(
     *,
     per_layer: bool = False,
 ) -> list[torch.Tensor]:
-    """Uniformly random bool masks shaped like ``like``, each on its tensor's device:
-    exactly ``density_count(density, total)`` live entries over all of them together (one
-    draw over their concatenation, so layers' densities differ, as a sparse model's do),
-    or with ``per_layer`` exactly ``density_count(density, numel)`` in each. The one
-    random-mask helper of the code base: initial masks, benchmarks and tests use it."""
+    """Uniformly random bool masks shaped like ``like``, on its devices, with exactly
+    ``density_count`` live entries over all of them (one draw over their concatenation:
+    layers' densities differ, as a sparse model's do) or, with ``per_layer``, in each."""
     like = list(like)
     if per_layer:
         masks = [random_mask(t.shape, density_count(density, t.numel()), generator) for t in like]

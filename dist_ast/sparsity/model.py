@@ -18,14 +18,9 @@ from dist_ast.sparsity.layers import (
 
 
 class SubnetModel(nn.Module):
-    """A network whose sparse layers hold N masks and whose BatchNorms hold N sets.
-
-    ``set_subnet(k)`` switches every layer to sub-net k without copying any weight.
-
-    What the optimizer may move is decided here (``update_masks``, ``param_groups``); two
-    options, set by :meth:`set_update_rules`, follow the authors' code instead of the
-    paper's rules (docs/algorithm.md, "Options that follow the authors' code").
-    """
+    """A network whose sparse layers hold N masks and whose BatchNorms hold N sets;
+    ``set_subnet(k)`` switches every layer without copying a weight. What the optimizer may
+    move is decided here (``update_masks``, ``param_groups``, ``set_update_rules``)."""
 
     def __init__(self, net: nn.Module, num_subnets: int) -> None:
         super().__init__()
@@ -53,13 +48,9 @@ class SubnetModel(nn.Module):
 
     @torch.no_grad()
     def to_channels_last(self) -> SubnetModel:
-        """NHWC conv weights, with every sub-net's conv mask in the same layout.
-
-        ``Module.to(memory_format=torch.channels_last)`` refuses the 5-D ``[N, O, I, kh,
-        kw]`` masks; here each ``masks[k]`` gets the strides of its channels_last weight,
-        so the masked forward's ``torch.where`` reads both in one layout, with no copy.
-        Flat orders elsewhere (top-k, bit-packing) stay logical and are unaffected.
-        """
+        """NHWC conv weights and masks. ``Module.to(memory_format=...)`` refuses the 5-D
+        masks; each ``masks[k]`` gets its weight's strides, so the masked forward reads both
+        in one layout without a copy (flat orders, top-k and bit-packing, stay logical)."""
         for module in self.modules():
             for param in module.parameters(recurse=False):
                 if param.ndim == 4:
@@ -93,8 +84,7 @@ class SubnetModel(nn.Module):
     def mask_counts(self, k: int) -> tuple[int, int]:
         """(nonzero, total) over the weights of all sparse layers, from the masks."""
         nonzero = sum(int(m.masks[k].sum()) for _, m in self._sparse)
-        total = sum(m.weight.numel() for _, m in self._sparse)
-        return nonzero, total
+        return nonzero, sum(m.weight.numel() for _, m in self._sparse)
 
     def sparsity(self, k: int) -> float:
         nonzero, total = self.mask_counts(k)
@@ -107,24 +97,19 @@ class SubnetModel(nn.Module):
     def set_update_rules(
         self, inactive_weights: str = "frozen", batchnorm_weight_decay: bool = False
     ) -> None:
-        """The optimizer options of the config (``optim.inactive_weights``,
-        ``optim.batchnorm_weight_decay``), kept on the model so that every engine's step
-        and parameter groups read the same rules."""
+        """``optim.inactive_weights`` and ``optim.batchnorm_weight_decay`` (the authors'
+        options, docs/algorithm.md), kept here so that every engine reads the same rules."""
         if inactive_weights not in ("frozen", "moving"):
             raise ValueError(f"inactive_weights must be frozen or moving, not {inactive_weights!r}")
         self.inactive_weights = inactive_weights
         self.batchnorm_weight_decay = bool(batchnorm_weight_decay)
 
     def update_masks(self, subnets: Iterable[int]) -> dict[torch.Tensor, torch.Tensor]:
-        """{parameter: bool mask} of the entries that training ``subnets`` may change.
-
-        Sparse weights: the union of those sub-nets' masks (absent under
-        ``inactive_weights="moving"``: weight decay and momentum move every weight, as
-        plain SGD in the authors' code). Switchable BatchNorm: their rows, in both modes
-        (the authors' unused per-sub-net BatchNorm modules get no gradient and plain SGD
-        skips them). Parameters absent from the result (dense layers, biases, shared
-        BatchNorm) move everywhere.
-        """
+        """{parameter: bool mask} of the entries that training ``subnets`` may change: the
+        union of their masks (none under ``inactive_weights="moving"``: weight decay and
+        momentum move every weight, as the authors' plain SGD) and their switchable
+        BatchNorm rows in both modes (the authors' unused per-sub-net BatchNorms get no
+        gradient). Parameters absent (dense layers, biases, shared BN) move everywhere."""
         ks = sorted(set(subnets))
         out: dict[torch.Tensor, torch.Tensor] = {}
         for _, m in self._sparse if self.inactive_weights == "frozen" else ():
@@ -177,20 +162,25 @@ def shared_batchnorm_names(net: nn.Module, patterns: Iterable[str]) -> list[str]
     return shared
 
 
+# the sparse layer that replaces each plain one, and the constructor arguments it copies
+_CONV_ARGS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation")
+_SPARSE = {
+    nn.Conv2d: (SubnetConv2d, (*_CONV_ARGS, "groups", "padding_mode")),
+    nn.Linear: (SubnetLinear, ("in_features", "out_features")),
+}
+
+
 def convert_to_subnets(
     net: nn.Module,
     num_subnets: int,
     dense: Iterable[str] = (),
     shared_batchnorm: Iterable[str] = (),
 ) -> SubnetModel:
-    """Make every Conv2d/Linear (except the modules named in ``dense``) a sparse layer
-    with N masks, and every BatchNorm2d switchable except those matched by the fnmatch
-    patterns ``shared_batchnorm`` (kept as one plain BatchNorm2d that every sub-net
-    trains, as the authors' CIFAR ResNet's stem and shortcuts). Weights are moved, not
-    copied."""
+    """Make every Conv2d/Linear but ``dense`` a sparse layer with N masks, every BatchNorm2d
+    switchable but those matching the fnmatch ``shared_batchnorm`` (one plain set that every
+    sub-net trains, as the authors' CIFAR ResNet's stem and shortcuts). Weights are moved."""
     dense = set(dense)
-    names = {n for n, _ in net.named_modules()}
-    unknown = dense - names
+    unknown = dense - {n for n, _ in net.named_modules()}
     if unknown:
         raise ValueError(f"dense layers {sorted(unknown)} are not modules of the model")
     shared = set(shared_batchnorm_names(net, shared_batchnorm))
@@ -203,39 +193,14 @@ def convert_to_subnets(
                 continue  # one plain BatchNorm for every sub-net
             if isinstance(child, nn.BatchNorm2d):
                 new = SwitchableBatchNorm2d.from_batchnorm(child, num_subnets)
-            elif name not in dense and type(child) is nn.Conv2d:
-                new = SubnetConv2d(
-                    child.in_channels,
-                    child.out_channels,
-                    child.kernel_size,
-                    child.stride,
-                    child.padding,
-                    child.dilation,
-                    child.groups,
-                    child.bias is not None,
-                    child.padding_mode,
-                    num_subnets=num_subnets,
-                    device="meta",
+            elif name not in dense and type(child) in _SPARSE:
+                cls, args = _SPARSE[type(child)]
+                kwargs = {a: getattr(child, a) for a in args}
+                new = cls(
+                    **kwargs, bias=child.bias is not None, num_subnets=num_subnets, device="meta"
                 )
-            elif name not in dense and type(child) is nn.Linear:
-                new = SubnetLinear(
-                    child.in_features,
-                    child.out_features,
-                    child.bias is not None,
-                    num_subnets=num_subnets,
-                    device="meta",
-                )
-            if isinstance(new, SubnetSparseMixin):
-                new.weight = child.weight
-                new.bias = child.bias
-                new.register_buffer(
-                    "masks",
-                    torch.ones(
-                        (num_subnets, *child.weight.shape),
-                        dtype=torch.bool,
-                        device=child.weight.device,
-                    ),
-                )
+                new.weight, new.bias = child.weight, child.bias
+                new.masks = torch.ones_like(new.masks, device=child.weight.device)  # was meta
             if new is not None:
                 setattr(parent, child_name, new)
             else:

@@ -1,27 +1,11 @@
-"""N:M structured sub-nets (DESIGN §1.10), as pure functions on tensors.
+"""N:M structured sub-nets (DESIGN §1.10), as pure functions on tensors; the rules are in
+docs/subnets.md ("N:M structured sub-nets") and docs/algorithm.md.
 
-Pattern "N:M": at most N live weights in every group of M consecutive *input channels*
-(the layout NVIDIA's sparse tensor cores and ``to_sparse_semi_structured`` accelerate;
-N is the number kept, so 2:4 is 50% sparse, 1:4 75%, 1:8 87.5% — the paper's tables
-count the pruned elements instead, so its "3:4" is our 1:4).
-
-Groups: a conv weight [O, I, kh, kw] is grouped along I for every (o, kh, kw); a linear
-weight [O, I] along I. When I is not a multiple of M, the last group of each row is
-short (r < M entries) and may keep min(N, r).
-
-Update of one layer of one sub-net (:func:`nm_update`), at the steps of the ordinary
-schedule:
-
-1. the fraction of N:M groups (0 at ramp start, 1 from ramp end, GraNet's cubic curve)
-   sets how many of the layer's groups are N:M; dense groups with the smallest summed
-   |w| become N:M first (group-wise magnitude pruning);
-2. group-wise prune-and-regrow: ⌈r(t)·(N:M groups)⌉ N:M groups with the largest summed
-   |dense gradient| turn dense again, and as many dense groups with the smallest summed
-   |w| become N:M (only while some groups are still dense, i.e. during the ramp);
-3. inside every N:M group the N weights of largest |w| are live (ties: lower channel).
-
-A group is N:M when it holds at most N live weights, so the state is read from the
-masks alone (nothing extra to checkpoint). Ties everywhere go to the lower index.
+"N:M": at most N live weights in every group of M consecutive *input channels* (the
+layout NVIDIA's sparse tensor cores accelerate; N is the number kept, so 2:4 is 50%
+sparse). A conv weight [O, I, kh, kw] is grouped along I at every (o, kh, kw); a short
+last group (I not a multiple of M) keeps min(N, its size). A group is N:M when it holds
+at most N live weights, so the state is the masks alone. Ties go to the lower index.
 """
 
 from __future__ import annotations
@@ -113,7 +97,7 @@ def nm_update(
     fraction: float,
     regrow_fraction: float,
 ) -> torch.Tensor:
-    """One sub-net's new mask for one layer (see the module docstring)."""
+    """One sub-net's new mask for one layer: steps 1-3 of docs/subnets.md."""
     n, m = parse_pattern(pattern)
     shape = weight.shape
     w = to_groups(weight.detach().abs().float(), m)

@@ -51,15 +51,10 @@ class MaskUpdater:
         self.completely_subset = completely_subset
         self.total = sum(w.numel() for w in model.sparse_weights())
         self.nm_patterns = list(nm_patterns) if nm_patterns else None
-        if self.nm_patterns:
-            self._check_nm()
-
-    def _check_nm(self) -> None:
-        """N:M sub-nets start dense and reach exactly their pattern's sparsity (the
-        config's own check, for an updater built without a RunConfig)."""
-        s = self.schedule
-        relation = "completely_subset" if self.completely_subset else "non_disjoint"
-        check_nm_patterns(self.nm_patterns, list(s.sparsities), s.initial_sparsity, relation)
+        if self.nm_patterns:  # the config's check, for an updater built without a RunConfig
+            relation = "completely_subset" if completely_subset else "non_disjoint"
+            sparsities, initial = list(schedule.sparsities), schedule.initial_sparsity
+            check_nm_patterns(self.nm_patterns, sparsities, initial, relation)
 
     def nm_fraction(self, step: float) -> float:
         """Scheduled fraction of N:M groups: 0 at ramp start, 1 from ramp end (cubic)."""
@@ -79,14 +74,12 @@ class MaskUpdater:
         weights = self.model.sparse_weights()
         fraction = self.schedule.regrow_fraction(step)
         if self.nm_patterns:
-            groups = self.nm_fraction(step)
+            groups, grads = self.nm_fraction(step), dense_grads or [None] * len(weights)
             return [
                 nm.nm_update(
                     w, m, g, self.nm_patterns[k], fraction=groups, regrow_fraction=fraction
                 )
-                for w, m, g in zip(
-                    weights, self.model.masks(k), dense_grads or [None] * len(weights), strict=True
-                )
+                for w, m, g in zip(weights, self.model.masks(k), grads, strict=True)
             ]
         target = self.schedule.target_count(k, step, self.total)
         n = self.model.num_subnets
@@ -105,10 +98,8 @@ class MaskUpdater:
 
     @torch.no_grad()
     def apply(self, k: int, new_masks: list[torch.Tensor], optimizer: MaskedSGD | None) -> int:
-        """Install sub-net k's masks; a grown weight that no other sub-net uses starts at
-        zero with zero momentum (regrow_init="kept": keeps its value, see __init__ for
-        its momentum), one live elsewhere keeps its shared value and momentum. Returns
-        the number of such fresh weights."""
+        """Install sub-net k's masks; returns how many grown weights are fresh (live in no
+        other sub-net: reset as __init__ says; others keep their shared value and momentum)."""
         others = [j for j in range(self.model.num_subnets) if j != k]
         reset = 0
         for i, (w, old, new) in enumerate(
