@@ -106,7 +106,7 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"  # "-": not evaluated
 
 
-def summary_table(summary: dict) -> Table:
+def print_summary_table(summary: dict, console: Console | None = None) -> None:
     steps = summary["steps"]
     if summary.get("total_steps", steps) != steps:  # train.stop_after_steps
         steps = f"{steps} of {summary['total_steps']}"
@@ -124,12 +124,8 @@ def summary_table(summary: dict) -> Table:
             _percent(s["top1"]),
             _percent(s["top5"]),
         )
-    return table
-
-
-def print_summary_table(summary: dict, console: Console | None = None) -> None:
     console = console or Console()
-    console.print(summary_table(summary))
+    console.print(table)
     if summary.get("train_flops_individual"):
         ratio = summary["train_flops"] / summary["train_flops_individual"]
         console.print(

@@ -370,14 +370,15 @@ class Trainer:
             checkpointer.save()
 
     def stateful_parts(self) -> dict:
-        """Every part of the state a step touches, by its checkpoint key; each owns its
-        ``state_dict``/``load_state_dict`` (tensors only). The checkpoint manager saves
-        and loads these and knows nothing else of the trainer."""
+        """Every part of the state a step touches, by checkpoint key (tensors only): all
+        the checkpoint manager knows of the trainer."""
         r = self.dist.rank
         parts = {
             "model": self.model,  # weights, BatchNorm sets, the masks of all sub-nets
             "optim": OptimizerState(self.model, self.optimizer),
-            "clock": IntAttrs(lambda: {"step": self.step}, self._set_step),
+            "clock": IntAttrs(
+                lambda: {"step": self.step}, lambda c: setattr(self, "step", c["step"])
+            ),
             "gc": self.gc,
             "flops": self.flops,
             "mask_updates": MaskUpdateLog(self.mask_updates),
@@ -394,18 +395,14 @@ class Trainer:
             parts["deepspeed"] = ds
         return parts
 
-    def _set_step(self, clock: dict[str, int]) -> None:
-        self.step = clock["step"]
-
     def state_dict(self) -> dict:
         """Everything a step touches, as DCP's nested dict of tensors."""
         return dcp_state(self.stateful_parts())
 
     def load_state_dict(self, state: dict) -> None:
-        """Install ``state`` (``state_dict()``'s form; a part it lacks keeps its state).
-        Without this rank's loader position (a checkpoint of another world size) the
-        position follows from the step: the global batch is the same, so the number of
-        batches per epoch is too."""
+        """Install ``state`` (a part it lacks keeps its state). Without this rank's loader
+        position (another world size) it follows from the step: the global batch, so the
+        batches per epoch, are the same."""
         for key, part in self.stateful_parts().items():
             if key in state:
                 part.load_state_dict(state[key])
@@ -418,16 +415,10 @@ class Trainer:
                 self.dist.rank,
             )
         if "loader" not in mine:
-            loader = self.loaders.train
-            n = len(loader)
-            pos = dict(loader.state_dict())
-            pos.update(epoch=self.step // n, batches_consumed=self.step % n)
-            loader.load_state_dict(pos)
-            log.info(
-                "loader position recomputed from step %d for %d ranks",
-                self.step,
-                self.dist.world_size,
-            )
+            loader, n = self.loaders.train, len(self.loaders.train)
+            steps = {"epoch": self.step // n, "batches_consumed": self.step % n}
+            loader.load_state_dict({**loader.state_dict(), **steps})
+            log.info("loader position from step %d for %d ranks", self.step, self.dist.world_size)
 
     def resume_from(self, path: str | Path) -> dict:
         """Restore from a ``step-<N>`` checkpoint folder; returns its meta.json."""
