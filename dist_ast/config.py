@@ -1,24 +1,20 @@
-"""Typed run configuration, validated at the boundary.
-
-The dataclasses are the one place for defaults and for every check a config alone can
-decide: Hydra composes the YAML files of ``configs/`` (which hold only what differs from
-these defaults) on top of them (struct mode: an unknown key is an error that names it);
-``OmegaConf.to_object`` then builds the dataclasses, whose ``__post_init__`` reject a
-value that cannot run with the key, the value and what is allowed, before any process
-group, data or model exists. Checks that need the world size or the data (batch per
-rank, number of classes, the ramp in steps) stay where those are known. Field comments
-map each key to the paper's hyperparameters.
+"""Typed run configuration: the one place for defaults and for every check a config alone
+can decide. Hydra composes the YAML files of ``configs/`` (only what differs from these
+defaults) on top; ``__post_init__`` rejects a value that cannot run, naming the key, before
+any process group, data or model exists. Checks that need the world size or the data stay
+where those are known. Field comments map keys to the paper's hyperparameters.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from omegaconf import DictConfig, OmegaConf
 
 from dist_ast.errors import ConfigError as ConfigError  # re-exported: raised for bad values
 from dist_ast.errors import require
-from dist_ast.models.registry import check_model
+from dist_ast.models.registry import model_factory
 from dist_ast.sparsity.nm import check_nm_patterns
 
 DATASETS = ("digits", "digits_shards", "cifar10", "imagenet", "synthetic")
@@ -33,10 +29,24 @@ LR_PER = ("step", "epoch")  # optim.lr_per
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+class _Checked:
+    """``_require(key, ok, allowed)``: ConfigError ``invalid <section>.<key>=<value>:
+    <allowed>`` unless ``ok``; the value is read from the key, so a check names it once."""
+
+    _section = ""
+
+    def _require(self, key: str, ok: bool, allowed: str) -> None:
+        prefix = f"{self._section}." if self._section else ""
+        require(ok, prefix + key, attrgetter(key)(self), allowed)
+
+    def _one_of(self, key: str, choices: tuple[str, ...]) -> None:
+        self._require(key, attrgetter(key)(self) in choices, f"choose one of {choices}")
+
+
 @dataclass
-class ModelConfig:
-    # A built-in model (dist_ast.models.registry.BUILTIN_MODELS: tiny_cnn, wrn32, resnet18,
-    # resnet50, resnet20, resnet32, resnet56) or any torchvision classification model
+class ModelConfig(_Checked):
+    _section = "model"
+    # A key of models.registry.BUILTIN_MODELS or any torchvision classification model
     # (torchvision.models.list_models()), built with num_classes and no weights.
     name: str = "tiny_cnn"
     # An importable factory ``package.module.name`` called as f(num_classes=...) that
@@ -47,29 +57,27 @@ class ModelConfig:
     zero_init_residual: bool = False  # torchvision ResNets: last BN of each block starts at 0
     small_input: bool = False  # torchvision ResNets on 32x32: 3x3 stem conv, no max-pool
     width: int = 32  # tiny_cnn only: channels of its first block (tests use 8)
-    # BatchNorm module names (fnmatch patterns on the dense model's module names) kept as
-    # one plain BatchNorm2d shared by every sub-net instead of switchable (one set per
-    # sub-net, DESIGN §1.4). The authors' CIFAR ResNet shares the stem and shortcut BNs:
-    # model.shared_batchnorm=[bn1,'*.shortcut.1'] for resnet20/32/56. A pattern matching
-    # no BatchNorm2d is refused when the model is built.
+    # fnmatch patterns of BatchNorm2d names kept as one plain set for every sub-net instead
+    # of switchable (DESIGN §1.4); the authors' CIFAR ResNets (resnet20/32/56) share the
+    # stem and shortcut BNs: [bn1,'*.shortcut.1']. A pattern matching none is refused.
     shared_batchnorm: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        require(self.num_classes >= 2, "model.num_classes", self.num_classes, "must be >= 2")
-        require(self.width >= 1, "model.width", self.width, "must be >= 1")
-        require(
+        self._require("num_classes", self.num_classes >= 2, "must be >= 2")
+        self._require("width", self.width >= 1, "must be >= 1")
+        self._require(
+            "shared_batchnorm",
             all(isinstance(p, str) and p for p in self.shared_batchnorm),
-            "model.shared_batchnorm",
-            list(self.shared_batchnorm),
             "give BatchNorm module-name patterns (fnmatch), e.g. [bn1,'*.shortcut.1']",
         )
         if self._target_ is not None:
             self.name = self._target_  # the label in summaries and checkpoint checks
-        check_model(self)
+        model_factory(self)  # the name or target resolves
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Checked):
+    _section = "data"
     name: str = "digits"  # one of DATASETS
     loader: str = "memory"  # memory (in-RAM tensors) | wds (webdataset) | dali
     root: str = ""  # shard directory (wds/dali) or ImageFolder tree, depending on name
@@ -79,23 +87,23 @@ class DataConfig:
     synthetic_size: int = 1024  # samples per epoch for data=synthetic
 
     def __post_init__(self) -> None:
-        require(self.name in DATASETS, "data.name", self.name, f"choose one of {DATASETS}")
-        require(self.loader in LOADERS, "data.loader", self.loader, f"choose one of {LOADERS}")
+        self._one_of("name", DATASETS)
+        self._one_of("loader", LOADERS)
         in_memory = self.name in IN_MEMORY_DATASETS
-        require(
+        self._require(
+            "loader",
             in_memory == (self.loader == "memory"),
-            "data.loader",
-            self.loader,
             f"data={self.name} is held in memory: use data.loader=memory"
             if in_memory
             else f"data={self.name} reads shards: choose wds or dali",
         )
-        require(self.image_size >= 8, "data.image_size", self.image_size, "must be >= 8")
-        require(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        self._require("image_size", self.image_size >= 8, "must be >= 8")
+        self._require("num_workers", self.num_workers >= 0, "must be >= 0")
 
 
 @dataclass
-class ASTConfig:
+class ASTConfig(_Checked):
+    _section = "ast"
     mode: str = "alternating"  # alternating (AST) | joint (Slimmable baseline) | individual
     sparsities: list[float] = field(default_factory=lambda: [0.5, 0.8, 0.9])  # s_k, ascending
     initial_sparsity: float = 0.0  # s_i: 0, 0.5, 0.8 or 0.9 in the paper
@@ -123,74 +131,54 @@ class ASTConfig:
         return len(self.sparsities)
 
     def __post_init__(self) -> None:
-        require(self.mode in MODES, "ast.mode", self.mode, f"choose one of {MODES}")
+        self._one_of("mode", MODES)
         s = list(self.sparsities)
-        require(len(s) > 0, "ast.sparsities", s, "need at least one sub-net (N >= 1)")
-        for v in s:
-            require(0.0 <= v < 1.0, "ast.sparsities", s, "every sparsity must lie in [0, 1)")
-        require(
-            all(a < b for a, b in zip(s, s[1:], strict=False)),
-            "ast.sparsities",
-            s,
-            "must be strictly ascending, e.g. [0.8, 0.9, 0.95]",
-        )
-        require(
+        self._require("sparsities", len(s) > 0, "need at least one sub-net (N >= 1)")
+        self._require("sparsities", all(0 <= v < 1 for v in s), "every sparsity must lie in [0, 1)")
+        ascending = all(a < b for a, b in zip(s, s[1:], strict=False))
+        self._require("sparsities", ascending, "must be strictly ascending, e.g. [0.8, 0.9, 0.95]")
+        self._require(
+            "sparsities",
             self.mode != "individual" or len(s) == 1,
-            "ast.sparsities",
-            s,
             "ast.mode=individual trains one sub-net: give one sparsity (one run per sparsity)",
         )
-        require(
+        self._require(
+            "initial_sparsity",
             0.0 <= self.initial_sparsity <= s[0],
-            "ast.initial_sparsity",
-            self.initial_sparsity,
             f"must lie in [0, {s[0]}] (the lowest target sparsity)",
         )
-        require(
-            self.mask_relation in MASK_RELATIONS,
-            "ast.mask_relation",
-            self.mask_relation,
-            f"choose one of {MASK_RELATIONS}",
-        )
-        require(self.update_every >= 1, "ast.update_every", self.update_every, "must be >= 1")
-        require(self.stagger >= 0, "ast.stagger", self.stagger, "must be >= 0")
-        require(
+        self._one_of("mask_relation", MASK_RELATIONS)
+        self._require("update_every", self.update_every >= 1, "must be >= 1")
+        self._require("stagger", self.stagger >= 0, "must be >= 0")
+        self._require(
+            "stagger",
             self.stagger * (len(s) - 1) < self.update_every,
-            "ast.stagger",
-            self.stagger,
             f"stagger*(N-1) must be < ast.update_every={self.update_every}, so that no two "
             "sub-nets update at once",
         )
-        require(
+        self._require(
+            "ramp_end_epoch",
             0.0 <= self.ramp_start_epoch <= self.ramp_end_epoch,
-            "ast.ramp_end_epoch",
-            self.ramp_end_epoch,
             f"must be >= ast.ramp_start_epoch={self.ramp_start_epoch} >= 0",
         )
-        require(
+        self._require(
+            "regrow_fraction",
             0.0 <= self.regrow_fraction_min <= self.regrow_fraction <= 1.0,
-            "ast.regrow_fraction",
-            self.regrow_fraction,
             f"need 0 <= regrow_fraction_min ({self.regrow_fraction_min}) <= regrow_fraction <= 1",
         )
-        require(
+        self._require(
+            "gradient_correction",
             not (self.gradient_correction and self.mode == "joint"),
-            "ast.gradient_correction",
-            self.gradient_correction,
             "gradient correction is defined for alternating training; set it false for joint",
         )
-        require(
-            self.regrow_init in REGROW_INITS,
-            "ast.regrow_init",
-            self.regrow_init,
-            f"choose one of {REGROW_INITS}",
-        )
+        self._one_of("regrow_init", REGROW_INITS)
         if self.nm_patterns is not None:
             check_nm_patterns(self.nm_patterns, s, self.initial_sparsity, self.mask_relation)
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(_Checked):
+    _section = "optim"
     lr: float = 0.1  # peak learning rate (after scaling by batch, see lr_reference_batch)
     lr_reference_batch: int | None = None  # ImageNet: 256 -> lr * global_batch / 256
     momentum: float = 0.9
@@ -210,33 +198,21 @@ class OptimConfig:
     lr_per: str = "step"
 
     def __post_init__(self) -> None:
-        require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
-        require(0 <= self.momentum < 1, "optim.momentum", self.momentum, "must lie in [0, 1)")
-        require(
-            not self.nesterov or self.momentum > 0,
-            "optim.nesterov",
-            self.nesterov,
-            "nesterov needs optim.momentum > 0",
+        self._require("lr", self.lr > 0, "must be > 0")
+        self._require("momentum", 0 <= self.momentum < 1, "must lie in [0, 1)")
+        self._require(
+            "nesterov", not self.nesterov or self.momentum > 0, "nesterov needs optim.momentum > 0"
         )
-        require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
-        require(
-            0 <= self.label_smoothing < 1,
-            "optim.label_smoothing",
-            self.label_smoothing,
-            "must lie in [0, 1)",
-        )
-        require(self.warmup_epochs >= 0, "optim.warmup_epochs", self.warmup_epochs, ">= 0")
-        require(
-            self.inactive_weights in INACTIVE_WEIGHTS,
-            "optim.inactive_weights",
-            self.inactive_weights,
-            f"choose one of {INACTIVE_WEIGHTS}",
-        )
-        require(self.lr_per in LR_PER, "optim.lr_per", self.lr_per, f"choose one of {LR_PER}")
+        self._require("weight_decay", self.weight_decay >= 0, "must be >= 0")
+        self._require("label_smoothing", 0 <= self.label_smoothing < 1, "must lie in [0, 1)")
+        self._require("warmup_epochs", self.warmup_epochs >= 0, ">= 0")
+        self._one_of("inactive_weights", INACTIVE_WEIGHTS)
+        self._one_of("lr_per", LR_PER)
 
 
 @dataclass
-class EngineConfig:
+class EngineConfig(_Checked):
+    _section = "engine"
     name: str = "ddp"  # ddp | deepspeed
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1 or 2
     compact_allreduce: bool = True  # all-reduce only the active sub-net's gradient entries
@@ -244,8 +220,8 @@ class EngineConfig:
     bucket_cap_mb: float = 25.0
 
     def __post_init__(self) -> None:
-        require(self.name in ENGINES, "engine.name", self.name, f"choose one of {ENGINES}")
-        require(self.zero_stage in (0, 1, 2), "engine.zero_stage", self.zero_stage, "0, 1 or 2")
+        self._one_of("name", ENGINES)
+        self._require("zero_stage", self.zero_stage in (0, 1, 2), "0, 1 or 2")
 
 
 @dataclass
@@ -258,7 +234,8 @@ class CheckpointConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Checked):
+    _section = "train"
     epochs: float = 1.0
     max_steps: int | None = None  # overrides epochs when set (a shorter schedule)
     # Try a config: run only the first N steps of the configured schedule (same lr, ramp,
@@ -284,38 +261,27 @@ class TrainConfig:
     tensorboard: bool = True  # scalars of metrics.jsonl also in run_dir/tb (rank 0)
 
     def __post_init__(self) -> None:
-        require(self.epochs > 0, "train.epochs", self.epochs, "must be > 0")
-        require(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
-        require(
+        self._require("epochs", self.epochs > 0, "must be > 0")
+        self._require("batch_size", self.batch_size >= 1, "must be >= 1")
+        self._require(
+            "stop_after_steps",
             self.stop_after_steps is None or self.stop_after_steps >= 1,
-            "train.stop_after_steps",
-            self.stop_after_steps,
             "must be >= 1 (or null: the whole schedule)",
         )
-        require(
-            self.precision in PRECISIONS,
-            "train.precision",
-            self.precision,
-            f"choose one of {PRECISIONS}",
-        )
-        require(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
-        require(
-            self.nonfinite in ("stop", "skip"), "train.nonfinite", self.nonfinite, "stop | skip"
-        )
-        require(self.max_skipped >= 0, "train.max_skipped", self.max_skipped, "must be >= 0")
-        require(
+        self._one_of("precision", PRECISIONS)
+        self._require("log_every", self.log_every >= 1, "must be >= 1")
+        self._require("nonfinite", self.nonfinite in ("stop", "skip"), "stop | skip")
+        self._require("max_skipped", self.max_skipped >= 0, "must be >= 0")
+        self._require(
+            "collective_timeout_minutes",
             self.collective_timeout_minutes > 0,
-            "train.collective_timeout_minutes",
-            self.collective_timeout_minutes,
             "must be > 0 (minutes a rank waits for its peers in a collective)",
         )
-        require(
-            self.device in ("auto", "cpu", "cuda"), "train.device", self.device, "auto|cpu|cuda"
-        )
+        self._require("device", self.device in ("auto", "cpu", "cuda"), "auto|cpu|cuda")
 
 
 @dataclass
-class RunConfig:
+class RunConfig(_Checked):
     run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -329,38 +295,33 @@ class RunConfig:
         """Checks across sections: what the DeepSpeed engine cannot run."""
         if self.engine.name != "deepspeed":
             return
-        require(
-            self.train.nonfinite == "stop",
+        self._require(
             "train.nonfinite",
-            self.train.nonfinite,
+            self.train.nonfinite == "stop",
             "skip needs the step before DeepSpeed's optimizer runs; use stop with engine=deepspeed",
         )
-        require(
-            self.ast.mode != "joint",
+        self._require(
             "engine.name",
-            self.engine.name,
+            self.ast.mode != "joint",
             "ast.mode=joint needs N backward passes per step, which DeepSpeed's engine "
             "does not take; use engine=ddp",
         )
-        require(
-            self.engine.zero_stage > 0 or self.train.precision == "fp32",
+        self._require(
             "engine.zero_stage",
-            self.engine.zero_stage,
+            self.engine.zero_stage > 0 or self.train.precision == "fp32",
             f"train.precision={self.train.precision} under DeepSpeed needs ZeRO stage 1 or 2 "
             "(stage 0's mixed-precision wrapper keeps unmapped flat fp32 copies; stage 1/2 "
             "use as much memory as DDP's fp32 master weights or less)",
         )
-        require(
-            self.optim.inactive_weights == "frozen",
+        self._require(
             "optim.inactive_weights",
-            self.optim.inactive_weights,
+            self.optim.inactive_weights == "frozen",
             "moving is implemented for engine=ddp only (DeepSpeed's flat partitions apply "
             "m_k to every update); use engine=ddp",
         )
-        require(
-            self.ast.regrow_init == "zero",
+        self._require(
             "ast.regrow_init",
-            self.ast.regrow_init,
+            self.ast.regrow_init == "zero",
             "kept is implemented for engine=ddp only (DeepSpeed's reset of a regrown weight "
             "zeroes its fp32 master copy); use engine=ddp",
         )

@@ -65,7 +65,8 @@ def _import_target(path: str) -> Callable[..., nn.Module]:
 
 
 def model_factory(cfg: ModelConfig) -> ModelFactory:
-    """The builder of ``cfg``'s dense model; a ConfigError names what is allowed."""
+    """The builder of ``cfg``'s dense model; a ConfigError names what is allowed (also
+    ModelConfig's check: it imports a target's module)."""
     if cfg._target_ is not None:
         factory = _import_target(cfg._target_)
         return lambda c: factory(num_classes=c.num_classes)
@@ -78,11 +79,6 @@ def model_factory(cfg: ModelConfig) -> ModelFactory:
         f"invalid model.name={cfg.name!r}: choose a built-in model {tuple(BUILTIN_MODELS)} or "
         f"a torchvision classification model (torchvision.models.list_models()){hint}"
     )
-
-
-def check_model(cfg: ModelConfig) -> None:
-    """ModelConfig's check: the name or target resolves (importing a target's module)."""
-    model_factory(cfg)
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -103,9 +99,8 @@ def dense_layer_names(net: nn.Module, dense_classifier: bool) -> list[str]:
 
 
 def build_subnet_model(cfg: ModelConfig, num_subnets: int) -> SubnetModel:
-    """The dense model converted for N sub-nets: every Conv2d/Linear but the dense ones
-    sparse with N masks, every BatchNorm2d switchable (N sets) but those named by
-    ``model.shared_batchnorm`` (one plain set for all sub-nets)."""
+    """The dense model with every Conv2d/Linear but the dense ones sparse (N masks), every
+    BatchNorm2d switchable but ``model.shared_batchnorm``'s (convert_to_subnets)."""
     net = build_model(cfg)
     try:
         shared = shared_batchnorm_names(net, cfg.shared_batchnorm)
