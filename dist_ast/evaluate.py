@@ -4,10 +4,17 @@ validation set and all-reduce the counts, so the result equals one process's."""
 from __future__ import annotations
 
 import contextlib
+import json
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
+from torch import nn
 
 from dist_ast.cli import compose_config
 from dist_ast.config import ConfigError
@@ -44,15 +51,9 @@ def evaluate_subnets(
             )
         if dist_info.distributed:
             dist.all_reduce(counts)
-        n = max(counts[2].item(), 1.0)
-        results.append(
-            {
-                "index": k,
-                "top1": counts[0].item() / n,
-                "top5": counts[1].item() / n,
-                "samples": int(counts[2].item()),
-            }
-        )
+        top1, top5, samples = counts.tolist()
+        n = max(samples, 1.0)
+        results.append({"index": k, "top1": top1 / n, "top5": top5 / n, "samples": int(samples)})
     model.train(was_training)
     return results
 
@@ -69,8 +70,6 @@ def sparsity_report(model: SubnetModel, k: int) -> dict:
     """Sub-net k's sparsity from its masks: over the sparse layers, over every conv and
     linear weight (dense layers count as dense), per layer; and the measured fraction of
     exact zeros in w ⊙ m_k (a regrown weight starts at 0, so it can exceed the former)."""
-    from torch import nn
-
     nonzero, total = model.mask_counts(k)
     zeros = 0
     for w, m in zip(model.sparse_weights(), model.masks(k), strict=True):
@@ -93,8 +92,6 @@ def sparsity_report(model: SubnetModel, k: int) -> dict:
 def _data_config(base, overrides: list[str], compose):  # noqa: ANN001, ANN202
     """The checkpoint's data config, or the ``data=<group>`` one, with ``data.key=value``
     overrides on top."""
-    from omegaconf import OmegaConf
-
     groups = [o for o in overrides if o.startswith("data=")]
     keys = [o[len("data.") :] for o in overrides if o.startswith("data.")]
     data = compose(groups).data if groups else base
@@ -153,9 +150,7 @@ def evaluate_checkpoint(
         }
 
 
-def evaluation_table(report: dict):  # noqa: ANN201 - rich Table
-    from rich.table import Table
-
+def evaluation_table(report: dict) -> Table:
     table = Table(
         title=f"{report['model']} on {report['data']} · {report['checkpoint']} · "
         f"world size {report['world_size']}"
@@ -176,9 +171,7 @@ def evaluation_table(report: dict):  # noqa: ANN201 - rich Table
     return table
 
 
-def layer_table(report: dict):  # noqa: ANN201 - rich Table
-    from rich.table import Table
-
+def layer_table(report: dict) -> Table:
     table = Table(title="layer-wise sparsity")
     table.add_column("layer")
     for s in report["subnets"]:
@@ -207,12 +200,6 @@ def _parse(argv: list[str]) -> tuple[dict[str, str], list[str]]:
 
 def main(argv: list[str] | None = None) -> dict:
     """``python -m dist_ast.evaluate ckpt=… [data=…]``: table on rank 0, JSON if asked."""
-    import json
-    import sys
-    from pathlib import Path
-
-    from rich.console import Console
-
     own, data = _parse(sys.argv[1:] if argv is None else argv)
     subnets = [int(k) for k in own["subnets"].split(",")] if own.get("subnets") else None
     report = evaluate_checkpoint(

@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from rich.console import Console
 from torch import nn
 
 from dist_ast.config import RunConfig
@@ -42,12 +43,11 @@ def subnet_state_dict(model: SubnetModel, k: int) -> dict[str, torch.Tensor]:
             for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
                 out[prefix + key] = getattr(mod, key)[k].detach().clone()
             continue
-        for key, t in list(mod.named_parameters(recurse=False)) + list(
-            mod.named_buffers(recurse=False)
-        ):
-            if isinstance(mod, SubnetSparseMixin) and key == "masks":
+        sparse = isinstance(mod, SubnetSparseMixin)
+        for key, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
+            if sparse and key == "masks":
                 continue
-            if isinstance(mod, SubnetSparseMixin) and key == "weight":
+            if sparse and key == "weight":
                 t = t * mod.masks[k]
             out[prefix + key] = t.detach().clone().contiguous()
     return out
@@ -117,14 +117,9 @@ def densify(sparse: dict) -> dict[str, torch.Tensor]:
     for key, p in sparse["layers"].items():
         shape = torch.Size(p["shape"])
         if p["layout"] == "csr":
-            rows = shape[0]
-            t = torch.sparse_csr_tensor(
-                p["crow"].long(),
-                p["col"].long(),
-                p["values"],
-                (rows, shape.numel() // rows),
-                check_invariants=True,
-            )
+            size = (shape[0], shape.numel() // shape[0])
+            crow, col = p["crow"].long(), p["col"].long()
+            t = torch.sparse_csr_tensor(crow, col, p["values"], size, check_invariants=True)
             out[key] = t.to_dense().reshape(shape)
         else:
             _, m = nm.parse_pattern(p["pattern"])
@@ -202,8 +197,6 @@ def _parse_args(argv: list[str]) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> dict:
     """``python -m dist_ast.export ckpt=… subnet=k out=…``."""
-    from rich.console import Console
-
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     report = export_to_files(
         args["ckpt"],
