@@ -421,7 +421,14 @@ def time_cmd(args: argparse.Namespace) -> None:
     rows = time_steps(args)
     Console(width=200).print(rich_table("authors vs dist_ast step", rows))
     if args.record:
-        argv = [a for a in sys.argv[1:] if not a.startswith("/")]
+        argv, rest = [], iter(sys.argv[1:])
+        for a in rest:  # no machine paths: --output dropped, --authors-dir a placeholder
+            if a in ("--output", "--authors-dir"):
+                value = next(rest, "")
+                if a == "--authors-dir":
+                    argv += [a, value if not value.startswith("/") else "<AST checkout>"]
+            elif not a.startswith("/"):
+                argv.append(a)
         cmd = "python -m benchmarks.authors_side_by_side " + shlex.join(argv)
         notes = (
             "Per-step time of one AST training step, ours (`Trainer.train_step`, AST+GC "
