@@ -126,7 +126,7 @@ class SwitchableBatchNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.subnet
         if self.training:
-            self.num_batches_tracked[k] += 1
+            self.num_batches_tracked[k].add_(1)  # in place on the row: no copy back
         # Views of row k: F.batch_norm updates the running statistics of set k in place.
         return F.batch_norm(
             x,
