@@ -1,23 +1,18 @@
-"""Sharded checkpoints with ``torch.distributed.checkpoint`` (DESIGN §4): the manager
-(when to save, write, commit, rotate; which checkpoint to resume from; loading parts).
+"""Sharded checkpoints with ``torch.distributed.checkpoint`` (DESIGN §4): when to save,
+the atomic write, rotation, which checkpoint to resume from, loading.
 
-A checkpoint is ``run_dir/checkpoints/step-<N>/``: DCP's shards and ``.metadata``, our
-``meta.json`` and ``manifest.json`` (size and crc32c of every file). It is written under
-``.tmp-step-<N>`` and renamed by rank 0 once every rank has written, so a ``step-<N>``
-folder is complete when made; ``resume=auto`` still checks it against its manifest (a
-disk or a copy can damage it later) and falls back to the newest intact one.
-
-The trainer hands the manager a ``dict[str, Stateful]``; a part's key is its DCP key, and
-its state holds tensors only, so loading never unpickles arbitrary objects. A part with
-``save_files``/``load_files`` (the DeepSpeed engine) writes a folder of that name beside
-the shards. On another world size DCP reshards the (replicated) model and optimizer, a
-rank takes its RNG state if the old run had that rank, and the loader position follows
-from the step. The safe reader and integrity checks are in ``checkpoint_io``, the tensor
-codecs in ``state_codecs``.
+``run_dir/checkpoints/step-<N>/`` holds DCP's shards and ``.metadata``, ``meta.json`` and
+``manifest.json`` (size and crc32c of every file). It is written as ``.tmp-step-<N>`` and
+renamed by rank 0 once every rank wrote; ``resume=auto`` still checks the manifest (a disk
+or a copy can damage it later) and falls back to the newest intact one. The trainer hands
+over a ``dict[str, Stateful]`` holding tensors only (loading unpickles nothing); a part
+with ``save_files``/``load_files`` (DeepSpeed) writes a folder of its key beside the shards.
+Safe reading and integrity checks are in ``checkpoint_io``, tensor codecs in ``state_codecs``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -38,7 +33,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.stateful import Stateful
 
-from dist_ast.checkpoint_io import (  # noqa: F401 - re-exported: the names callers import
+from dist_ast.checkpoint_io import (
     CHECKSUM,
     FORMAT_VERSION,
     MANIFEST_FILE,
@@ -47,7 +42,6 @@ from dist_ast.checkpoint_io import (  # noqa: F401 - re-exported: the names call
     TMP_PREFIX,
     CheckpointError,
     DamagedCheckpointError,
-    MetadataUnpickler,
     SafeFileSystemReader,
     checksum_files,
     file_crc32c,
@@ -58,8 +52,6 @@ from dist_ast.checkpoint_io import (  # noqa: F401 - re-exported: the names call
     write_synced,
 )
 from dist_ast.config import RunConfig, config_as_dict
-from dist_ast.metrics import truncate_metrics  # noqa: F401 - moved to metrics; old imports
-from dist_ast.state_codecs import rng_state, set_rng_state  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
     from dist_ast.distributed.setup import DistInfo
@@ -89,10 +81,6 @@ class CheckpointOwner(Protocol):
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "checkpoints"
-
-
-def step_dir(run_dir: str | os.PathLike, step: int) -> Path:
-    return checkpoint_dir(run_dir) / f"{STEP_PREFIX}{step}"
 
 
 def step_folders(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -213,18 +201,22 @@ def _on_rank0(fn: Callable[[], Path | None]) -> Path | None:
     return value
 
 
+def _identity(c: RunConfig) -> dict:
+    """What a checkpoint must share with the run that resumes from it."""
+    return {
+        "model": c.model.name,
+        "num_subnets": c.ast.num_subnets,
+        "sparsities": [float(s) for s in c.ast.sparsities],
+        "mode": c.ast.mode,
+        "num_classes": c.model.num_classes,
+    }
+
+
 def check_compatible(meta: dict, config: RunConfig, path: Path) -> None:
     """Refuse a checkpoint of another model, sub-net count, sparsities or mode."""
-    want = {
-        "model": config.model.name,
-        "num_subnets": config.ast.num_subnets,
-        "sparsities": [float(s) for s in config.ast.sparsities],
-        "mode": config.ast.mode,
-        "num_classes": config.model.num_classes,
-    }
     wrong = [
         f"{k}: checkpoint has {meta.get(k)!r}, this run has {v!r}"
-        for k, v in want.items()
+        for k, v in _identity(config).items()
         if meta.get(k) != v
     ]
     if wrong:
@@ -299,20 +291,15 @@ def deepspeed_part(engine: Any) -> DeepSpeedFiles | None:
 
 
 def _meta(config: RunConfig, step: int, world_size: int) -> dict:
-    c = config
     return {
         "format_version": FORMAT_VERSION,
         "step": step,
         "world_size": world_size,
-        "model": c.model.name,
-        "num_classes": c.model.num_classes,
-        "num_subnets": c.ast.num_subnets,
-        "sparsities": [float(s) for s in c.ast.sparsities],
-        "mode": c.ast.mode,
-        "engine": c.engine.name,
+        **_identity(config),
+        "engine": config.engine.name,
         "torch": torch.__version__,
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config": config_as_dict(c),
+        "config": config_as_dict(config),
     }
 
 
@@ -350,14 +337,10 @@ class ReusedStagingStager(AsyncStager):
 
 
 class Checkpointer:
-    """Decides when to save, writes ``step-<N>`` atomically, keeps the newest K.
-
-    Saves are collective. With ``checkpoint.async_save`` a background thread writes the
-    staged state over a gloo group of its own (never interleaving with training's
-    collectives) and rank 0 checksums there too; the rename happens at a later step
-    boundary or at ``wait()``. A save failing with an OSError (a full disk) removes its
-    ``.tmp-`` folder and raises a one-line CheckpointError; other errors keep their
-    traceback.
+    """Decides when to save, writes ``step-<N>`` atomically (collective), keeps the newest
+    K. An async save is written and checksummed in a thread and renamed at a later step
+    boundary or ``wait()``. A save failing with an OSError (a full disk) removes its
+    ``.tmp-`` folder and raises a one-line CheckpointError; other errors keep their traceback.
     """
 
     # DCP's writer, a class attribute so that a test can substitute a failing one
@@ -393,10 +376,8 @@ class Checkpointer:
         """Write the owner's parts at its current step (all ranks call this)."""
         step = self.owner.step
         self.finish_pending()
-        final, tmp = (
-            step_dir(self.run_dir, step),
-            checkpoint_dir(self.run_dir) / f"{TMP_PREFIX}{step}",
-        )
+        final = checkpoint_dir(self.run_dir) / f"{STEP_PREFIX}{step}"
+        tmp = checkpoint_dir(self.run_dir) / f"{TMP_PREFIX}{step}"
         made: OSError | None = None
         if self.dist.is_main:
             try:
@@ -462,8 +443,7 @@ class Checkpointer:
         return final
 
     def finish_pending(self, wait: bool = True) -> None:
-        """Commit a finished async save (rank 0 renames; others just drop the future); a
-        failed one raises here, at the step boundary after the failure."""
+        """Commit a finished async save (rank 0); a failed one raises here."""
         if self._pending is None:
             return
         fut, tmp, final, meta, step = self._pending
@@ -543,8 +523,7 @@ class Checkpointer:
                 shutil.rmtree(p, ignore_errors=True)
 
     def _abort(self, step: int, tmp: Path, exc: BaseException) -> NoReturn:
-        """A failed save: remove its folder (rank 0), then a one-line CheckpointError for
-        an OSError, or anything else re-raised unchanged."""
+        """Remove a failed save's folder (rank 0); an OSError becomes a CheckpointError."""
         if self.dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         cause = _os_error(exc)
@@ -567,8 +546,7 @@ class Checkpointer:
         ) from exc
 
     def _newest_intact_or_none(self) -> Path | None:
-        """For the failure message: the checkpoint this process committed last, else the
-        newest on disk that verifies (rank 0 reads it; other ranks only list)."""
+        """For the failure message (rank 0 verifies; other ranks only list)."""
         if self.last_committed is not None and self.last_committed.is_dir():
             return self.last_committed
         if not self.dist.is_main:
@@ -584,8 +562,7 @@ class Checkpointer:
 
 
 def _then(fut: Future, fn: Callable[[], Any]) -> Future:
-    """A future of ``fn()``, run in the thread that completes ``fut`` once it succeeded
-    (its exception otherwise)."""
+    """A future of ``fn()``, run in the thread that completes ``fut`` (if it succeeded)."""
     out: Future = Future()
 
     def done(f: Future) -> None:
@@ -626,16 +603,13 @@ def _describe(e: OSError) -> str:
 
 
 def _fsync_dir(path: Path) -> None:
-    try:
+    """Make a rename durable (best effort: some filesystems refuse a directory fsync)."""
+    with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 # --------------------------------------------------------------------------- loading
@@ -644,20 +618,18 @@ def _fsync_dir(path: Path) -> None:
 def read_checkpoint(
     path: Path, parts: dict[str, Stateful], config: RunConfig, dist_info: DistInfo
 ) -> tuple[dict[str, Any], dict]:
-    """The saved state of the ``parts`` the checkpoint has (``dcp_state``'s form) and its
-    meta.json; a CheckpointError, before any part is touched where it can, for a folder
-    that is incomplete, corrupted or of another model. The caller installs the state,
-    then calls ``load_files``."""
+    """The saved state of ``parts`` (``dcp_state``'s form) and meta.json, or a
+    CheckpointError before any part is touched. The caller installs it, then ``load_files``."""
     path = Path(path)
     meta = read_meta(path)
     check_compatible(meta, config, path)
     saved = read_dcp_metadata(path).state_dict_metadata
-    tensor_parts = {k: p for k, p in parts.items() if not is_file_part(p)}
-    for key, part in tensor_parts.items():
+    state = {}
+    for key, part in parts.items():
+        if is_file_part(part):
+            continue
         if isinstance(part, torch.nn.Module):
             _check_module_fits(key, part, saved, path)
-    state = {}
-    for key, part in tensor_parts.items():
         target = _target(key, part.state_dict(), saved, dist_info.device)
         if target is not None:
             state[key] = target
@@ -674,10 +646,9 @@ def read_checkpoint(
 
 
 def _target(key: str, current: Any, saved: dict, device: torch.device) -> Any:
-    """What DCP loads part ``key`` into (None: nothing saved under it): the part's own
-    tensor where shape and dtype agree, else a new one sized from the checkpoint (the GC
-    buffer, momentum, the mask-update log appear or grow as the run goes); tensors the
-    checkpoint lacks are left out."""
+    """What DCP loads part ``key`` into (None: nothing saved): the part's own tensors where
+    shape and dtype agree, else new ones sized from the checkpoint (the GC buffer, momentum,
+    the mask-update log appear or grow during a run); tensors it lacks are left out."""
     mine = {n: md for n, md in saved.items() if n == key or n.startswith(f"{key}.")}
     if not mine:
         return None
@@ -685,28 +656,22 @@ def _target(key: str, current: Any, saved: dict, device: torch.device) -> Any:
     def fresh(md: Any) -> torch.Tensor:
         return torch.zeros(tuple(md.size), dtype=md.properties.dtype, device=device)
 
-    if not isinstance(current, dict):  # a part whose state is one tensor
-        md = mine.get(key)
-        if md is None or not hasattr(md, "size"):
-            return None
-        same = tuple(current.shape) == tuple(md.size) and current.dtype == md.properties.dtype
-        return current if same else fresh(md)
-    # the part's dicts and tensors by their DCP names (nested keys joined by ".")
+    # a copy of the part's dicts; its dicts and tensors by DCP name (keys joined by ".")
     dicts: dict[str, dict] = {}
     leaves: dict[str, tuple[dict, str]] = {}
 
-    def copy(d: dict, name: str) -> dict:
-        out = {}
-        dicts[name] = out
+    def copy(d: dict, prefix: str, out: dict) -> dict:
         for k, v in d.items():
+            name = f"{prefix}{k}"
             if isinstance(v, dict):
-                out[k] = copy(v, f"{name}.{k}")
+                dicts[name] = out[k] = {}
+                copy(v, f"{name}.", out[k])
             else:
                 out[k] = v
-                leaves[f"{name}.{k}"] = (out, k)
+                leaves[name] = (out, k)
         return out
 
-    target = copy(current, key)
+    root = copy({key: current}, "", {})  # a part whose state is one tensor is a leaf here
     for name, (parent, k) in leaves.items():
         md = mine.get(name)
         if md is None or not hasattr(md, "size"):
@@ -721,7 +686,7 @@ def _target(key: str, current: Any, saved: dict, device: torch.device) -> Any:
         owner = max((d for d in dicts if name.startswith(f"{d}.")), key=len, default=None)
         if owner is not None:
             dicts[owner][name[len(owner) + 1 :]] = fresh(md)
-    return target
+    return root.get(key)
 
 
 def _check_module_fits(key: str, module: torch.nn.Module, saved: dict, path: Path) -> None:

@@ -1,8 +1,6 @@
-"""Reading checkpoints safely: the errors, the folder's file names, the integrity checks
-(``manifest.json``: size and crc32c of every file) and DCP's reader with its
-``.metadata`` pickle restricted to DCP's own classes, so loading never runs arbitrary
-code. Used by the manager (dist_ast.checkpoint) and by ``subnets_io``; imports nothing
-above config and errors.
+"""Reading checkpoints safely: errors, file names, integrity checks (``manifest.json``:
+size and crc32c of every file) and DCP's reader with ``.metadata`` unpickling only DCP's
+own classes, so loading never runs arbitrary code. Imports nothing above errors.
 """
 
 from __future__ import annotations
@@ -18,6 +16,7 @@ from typing import Any
 import crc32c
 import torch
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import StorageMeta
 
 from dist_ast.errors import EXIT_CHECKPOINT, ExpectedError
 
@@ -47,12 +46,9 @@ class DamagedCheckpointError(CheckpointError):
         super().__init__(f"checkpoint {folder} is damaged: {file} {why}")
 
 
-# --------------------------------------------------------------------------- integrity
-
-
 def file_crc32c(path: Path) -> tuple[int, str]:
-    """(size, crc32c as 8 hex digits) of a file, read through mmap: no copy into Python
-    memory, and the CRC runs without the GIL (an async save checksums in its thread)."""
+    """(size, crc32c as 8 hex digits), read through mmap: no copy into Python memory, and
+    the CRC runs without the GIL (an async save checksums in its thread)."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
@@ -74,8 +70,7 @@ def checksum_files(folder: Path, skip: tuple[str, ...] = (MANIFEST_FILE,)) -> di
 
 
 def write_synced(path: Path, text: str) -> None:
-    """Write and fsync a small file (meta.json, manifest.json): it is on disk before the
-    folder is renamed to ``step-<N>``."""
+    """Write and fsync a small file: it is on disk before the folder is renamed."""
     with open(path, "w") as f:
         f.write(text)
         f.flush()
@@ -83,8 +78,7 @@ def write_synced(path: Path, text: str) -> None:
 
 
 def write_manifest(folder: Path, files: dict[str, dict] | None = None) -> dict:
-    """Write ``folder/manifest.json`` (``files`` from ``checksum_files``, computed now when
-    not given); returns the manifest."""
+    """Write ``folder/manifest.json`` (``files`` from ``checksum_files``, or computed)."""
     folder = Path(folder)
     manifest = {
         "manifest_version": MANIFEST_VERSION,
@@ -96,10 +90,8 @@ def write_manifest(folder: Path, files: dict[str, dict] | None = None) -> dict:
 
 
 def verify_checkpoint(folder: Path) -> bool:
-    """Check every file of a checkpoint against its manifest: True when it matches, False
-    for a checkpoint written before manifests (meta.json does not name one; only
-    ``.metadata`` and ``meta.json`` are checked to exist). Raises DamagedCheckpointError
-    naming the first missing, short or changed file."""
+    """True when every file matches the manifest, False for a checkpoint from before
+    manifests (meta.json names none); DamagedCheckpointError names the first bad file."""
     folder = Path(folder)
     mpath = folder / MANIFEST_FILE
     if not mpath.is_file():
@@ -146,8 +138,6 @@ def verify_checkpoint(folder: Path) -> bool:
     return True
 
 
-# --------------------------------------------------------------------------- safe reading
-
 _SAFE_MODULE_PREFIXES = ("torch.distributed.checkpoint.",)
 _SAFE_GLOBALS = {
     ("builtins", "set"),
@@ -170,9 +160,8 @@ class MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module.startswith(_SAFE_MODULE_PREFIXES) or (module, name) in _SAFE_GLOBALS:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if module == "torch" and name in ("memory_format", "layout"):
+        is_dtype = isinstance(getattr(torch, name, None), torch.dtype)
+        if module == "torch" and (is_dtype or name in ("memory_format", "layout")):
             return getattr(torch, name)
         raise pickle.UnpicklingError(
             f"refusing to unpickle {module}.{name}: a DCP .metadata file holds only "
@@ -188,8 +177,6 @@ class SafeFileSystemReader(FileSystemReader):
         path = self._get_metadata_path(rank)
         with self.fs.create_stream(path, "rb") as f:
             metadata = MetadataUnpickler(io.BytesIO(f.read())).load()
-        from torch.distributed.checkpoint.metadata import StorageMeta
-
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id

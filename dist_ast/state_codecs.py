@@ -17,9 +17,6 @@ class StateMismatchError(ValueError):
     """A saved state that does not fit the object it is loaded into."""
 
 
-# --------------------------------------------------------------------------- codecs
-
-
 def int_tensor(v: int) -> torch.Tensor:
     """A Python int of any size as int64 [hi, lo] (FLOPs counters can pass 2**63)."""
     hi, lo = divmod(int(v), 1 << 32)
@@ -39,39 +36,17 @@ def tensors_to_ints(d: Mapping[str, torch.Tensor]) -> dict[str, int]:
     return {k: int_value(v) for k, v in d.items()}
 
 
-def _python_rng_tensor() -> torch.Tensor:
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's RNG states as int64 tensors (no pickles); floats by their bits."""
     version, internal, gauss = random.getstate()
     g = [0, 0] if gauss is None else [1, int(np.float64(gauss).view(np.int64))]
-    return torch.tensor([version, *internal, *g], dtype=torch.int64)
-
-
-def _set_python_rng(t: torch.Tensor) -> None:
-    v = t.tolist()
-    gauss = float(np.int64(v[-1]).view(np.float64)) if v[-2] else None
-    random.setstate((v[0], tuple(v[1:-2]), gauss))
-
-
-def _numpy_rng_tensor() -> torch.Tensor:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     assert name == "MT19937"
     extra = np.array([pos, has_gauss, np.float64(cached).view(np.int64)], dtype=np.int64)
-    return torch.from_numpy(np.concatenate([keys.astype(np.int64), extra]))
-
-
-def _set_numpy_rng(t: torch.Tensor) -> None:
-    a = t.cpu().numpy()
-    keys = a[:-3].astype(np.uint32)
-    np.random.set_state(
-        ("MT19937", keys, int(a[-3]), int(a[-2]), float(a[-1:].view(np.float64)[0]))
-    )
-
-
-def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    """This process's RNG states as tensors (no pickles)."""
     out = {
         "torch": torch.get_rng_state(),
-        "python": _python_rng_tensor(),
-        "numpy": _numpy_rng_tensor(),
+        "python": torch.tensor([version, *internal, *g], dtype=torch.int64),
+        "numpy": torch.from_numpy(np.concatenate([keys.astype(np.int64), extra])),
     }
     if device.type == "cuda":
         out["cuda"] = torch.cuda.get_rng_state(device)
@@ -80,13 +55,14 @@ def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
 
 def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
     torch.set_rng_state(state["torch"].cpu())
-    _set_python_rng(state["python"])
-    _set_numpy_rng(state["numpy"])
+    v = state["python"].tolist()
+    gauss = float(np.int64(v[-1]).view(np.float64)) if v[-2] else None
+    random.setstate((v[0], tuple(v[1:-2]), gauss))
+    a = state["numpy"].cpu().numpy()
+    cached = float(a[-1:].view(np.float64)[0])
+    np.random.set_state(("MT19937", a[:-3].astype(np.uint32), int(a[-3]), int(a[-2]), cached))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
-
-
-# --------------------------------------------------------------------------- adapters
 
 
 class RngState:

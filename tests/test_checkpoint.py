@@ -27,17 +27,10 @@ import pytest
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-from dist_ast.checkpoint import (
-    CheckpointError,
-    MetadataUnpickler,
-    ReusedStagingStager,
-    complete_checkpoints,
-    rng_state,
-    set_rng_state,
-    truncate_metrics,
-    verify_checkpoint,
-    write_manifest,
-)
+from dist_ast.checkpoint import CheckpointError, ReusedStagingStager, complete_checkpoints
+from dist_ast.checkpoint_io import MetadataUnpickler, verify_checkpoint, write_manifest
+from dist_ast.metrics import truncate_metrics
+from dist_ast.state_codecs import rng_state, set_rng_state
 from tests import ckpt_utils as cu
 from tests.deps import require
 
