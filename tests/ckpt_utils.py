@@ -40,8 +40,8 @@ SHORT = [
 
 def env() -> dict[str, str]:
     e = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
-    e.pop("WORLD_SIZE", None)
-    e.pop("RANK", None)
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        e.pop(k, None)
     return e
 
 

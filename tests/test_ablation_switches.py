@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,12 +17,11 @@ from torch import nn
 
 from dist_ast.cli import compose_config
 from dist_ast.config import ConfigError, ModelConfig
-from dist_ast.distributed.setup import free_port
 from dist_ast.export import export_subnet, subnet_state_dict
 from dist_ast.models import build_subnet_model
 from dist_ast.sparsity import SwitchableBatchNorm2d
 from dist_ast.subnets_io import load_subnet_model
-from tests.cli_utils import dist_ast_train
+from tests.cli_utils import dist_ast_train, torchrun
 from tests.trainer_utils import RAMP60, cpu_trainer
 
 # plain SGD + weight decay (no nesterov) so the expected updates are short to write out
@@ -336,23 +332,14 @@ def test_two_ranks_with_every_authors_switch_finish(tmp_path):
     """DDP's compact all-reduce hook, the BatchNorm averaging and the mask broadcast with
     a plain shared BatchNorm and moving inactive weights (torchrun, 2 gloo ranks)."""
     run_dir = tmp_path / "two"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        "-m",
+    proc = torchrun(
         "dist_ast.train",
         *RAMP60,
         "train.stop_after_steps=14",
         "train.tensorboard=false",
         f"run_dir={run_dir}",
         *AUTHORS,
-    ]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 14

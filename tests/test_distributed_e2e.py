@@ -12,16 +12,13 @@ tests/test_distributed_ddp.py::test_two_ranks_equal_one_rank_exact_groupnorm.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from dist_ast.cli import compose_config
-from dist_ast.distributed.setup import free_port
 from dist_ast.train import run
+from tests.cli_utils import torchrun
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -38,20 +35,7 @@ OVERRIDES = [
 
 def test_torchrun_two_ranks_summary_equals_single_process(tmp_path: Path) -> None:
     two = tmp_path / "two"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        "-m",
-        "dist_ast.train",
-        *OVERRIDES,
-        f"run_dir={two}",
-    ]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
+    proc = torchrun("dist_ast.train", *OVERRIDES, f"run_dir={two}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads((two / "summary.json").read_text())
 

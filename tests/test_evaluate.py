@@ -4,17 +4,14 @@ checkpoint (model.pt or a DCP step folder), the same numbers on 1 and 2 ranks.""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from dist_ast.distributed.setup import free_port
 from dist_ast.evaluate import main
 from dist_ast.subnets_io import load_model_state, resolve_checkpoint
+from tests.cli_utils import torchrun
 from tests.subnets_utils import read_summary, short_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,21 +66,15 @@ def test_dcp_checkpoint_loads_the_same_model(run_dir):
 @pytest.mark.distributed
 def test_two_ranks_give_the_one_rank_numbers(run_dir, tmp_path):
     out = tmp_path / "eval2.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        "-m",
+    proc = torchrun(
         "dist_ast.evaluate",
         f"ckpt={run_dir / 'model.pt'}",
         "batch_size=64",
         "device=cpu",
         f"json={out}",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, cwd=REPO, env=env, check=True, timeout=300, capture_output=True)
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
     two = json.loads(out.read_text())
     assert two["world_size"] == 2
     one = main([f"ckpt={run_dir / 'model.pt'}", "batch_size=64", "device=cpu"])
