@@ -209,15 +209,20 @@ def _identity(c: RunConfig) -> dict:
         "sparsities": [float(s) for s in c.ast.sparsities],
         "mode": c.ast.mode,
         "num_classes": c.model.num_classes,
+        "shared_batchnorm": list(c.model.shared_batchnorm),  # changes the parameter shapes
     }
 
 
+_IDENTITY_ADDED_LATER = {"shared_batchnorm": []}  # what older meta.json files implied
+
+
 def check_compatible(meta: dict, config: RunConfig, path: Path) -> None:
-    """Refuse a checkpoint of another model, sub-net count, sparsities or mode."""
+    """Refuse a checkpoint of another model, sub-net count, sparsities, mode or set of
+    shared BatchNorms."""
     wrong = [
-        f"{k}: checkpoint has {meta.get(k)!r}, this run has {v!r}"
+        f"{k}: checkpoint has {saved!r}, this run has {v!r}"
         for k, v in _identity(config).items()
-        if meta.get(k) != v
+        if (saved := meta.get(k, _IDENTITY_ADDED_LATER.get(k))) != v
     ]
     if wrong:
         raise CheckpointError(

@@ -37,8 +37,10 @@ from dist_ast.checkpoint import (
     TMP_PREFIX,
     Checkpointer,
     CheckpointError,
+    check_compatible,
     verify_checkpoint,
 )
+from dist_ast.cli import compose_config
 from tests import ckpt_utils as cu
 
 
@@ -288,3 +290,21 @@ def test_disk_full_async_save_reported_at_a_step_boundary(reference, tmp_path, m
     monkeypatch.undo()
     _run(run_dir, "checkpoint.async_save=true")
     cu.assert_same_run(reference, run_dir)
+
+
+def test_a_checkpoint_with_other_shared_batchnorms_is_refused_in_one_line(tmp_path):
+    """``model.shared_batchnorm`` changes parameter shapes: resuming across it must stop
+    with the key named, not with a shape mismatch deep in the loader. A meta.json written
+    before the key existed means "none shared"."""
+    meta = {"model": "tiny_cnn", "num_subnets": 3, "sparsities": [0.5, 0.8, 0.9]}
+    meta |= {"mode": "alternating", "num_classes": 10}
+    plain = compose_config(["experiment=demo"])
+    assert [plain.model.name, list(plain.ast.sparsities), plain.ast.mode] == [
+        meta["model"], meta["sparsities"], meta["mode"]
+    ]  # fmt: skip
+    check_compatible(meta, plain, tmp_path)  # older meta.json, nothing shared: accepted
+    check_compatible({**meta, "shared_batchnorm": []}, plain, tmp_path)
+    shared = compose_config(["experiment=demo", "model.shared_batchnorm=[bn1]"])
+    with pytest.raises(CheckpointError, match=r"shared_batchnorm: checkpoint has \[\]") as e:
+        check_compatible({**meta, "shared_batchnorm": []}, shared, tmp_path)
+    assert "\n" not in str(e.value)
