@@ -24,6 +24,7 @@ MODES = ("alternating", "joint", "individual")
 MASK_RELATIONS = ("non_disjoint", "completely_subset")
 ENGINES = ("ddp", "deepspeed")
 REGROW_INITS = ("zero", "kept")  # ast.regrow_init (docs/algorithm.md, authors' options)
+PRUNE_SCOPES = ("subnet", "shared")  # ast.prune_scope
 INACTIVE_WEIGHTS = ("frozen", "moving")  # optim.inactive_weights
 LR_PER = ("step", "epoch")  # optim.lr_per
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -125,6 +126,10 @@ class ASTConfig(_Checked):
     # (DESIGN §1.7); kept = keeps its frozen shared value, as the authors' code (its
     # momentum is zeroed under optim.inactive_weights=frozen, kept under moving).
     regrow_init: str = "zero"
+    # Scheduled pruning during the ramp ranks |w| over: subnet = sub-net k's live weights
+    # (DESIGN §1.7a; never grows); shared = every entry of the shared tensor, as the
+    # authors' code, so a weight k dropped but another sub-net kept large can come back.
+    prune_scope: str = "subnet"
 
     @property
     def num_subnets(self) -> int:
@@ -172,6 +177,14 @@ class ASTConfig(_Checked):
             "gradient correction is defined for alternating training; set it false for joint",
         )
         self._one_of("regrow_init", REGROW_INITS)
+        self._one_of("prune_scope", PRUNE_SCOPES)
+        self._require(
+            "prune_scope",
+            self.prune_scope == "subnet"
+            or (self.mask_relation == "non_disjoint" and self.nm_patterns is None),
+            "shared is defined for unstructured non_disjoint sub-nets: use prune_scope=subnet "
+            "with ast.mask_relation=completely_subset or ast.nm_patterns",
+        )
         if self.nm_patterns is not None:
             check_nm_patterns(self.nm_patterns, s, self.initial_sparsity, self.mask_relation)
 

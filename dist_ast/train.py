@@ -530,6 +530,7 @@ def build_trainer(config: RunConfig, dist_info: DistInfo) -> Trainer:
         config.ast.mask_relation == "completely_subset",
         nm_patterns=config.ast.nm_patterns,
         regrow_init=config.ast.regrow_init,
+        prune_scope=config.ast.prune_scope,
         inactive_weights=config.optim.inactive_weights,
     )
     updater.init_masks(seed=t.seed)

@@ -3,7 +3,8 @@
 
 Each switch is checked against a computation written out here, so a switch the code
 ignores fails: ``ast.regrow_init``, ``optim.inactive_weights``,
-``optim.batchnorm_weight_decay``, ``model.shared_batchnorm``, ``optim.lr_per``.
+``optim.batchnorm_weight_decay``, ``model.shared_batchnorm``, ``optim.lr_per``,
+``ast.prune_scope``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ AUTHORS = [
     "optim.batchnorm_weight_decay=true",
     "optim.lr_per=epoch",
     "model.shared_batchnorm=[bn1]",
+    "ast.prune_scope=shared",
 ]
 
 
@@ -292,6 +294,78 @@ def test_cli_run_with_every_authors_switch_finishes(tmp_path):
     assert type(model.net.bn1) is nn.BatchNorm2d
 
 
+# -- ast.prune_scope ------------------------------------------------------------------
+def _decide_with_a_large_weight_outside_subnet_0(tmp_path, scope, step):
+    """Sub-net 0 lacks position 7 of layer 1, which sub-net 1 holds at |w| = 100; returns
+    sub-net 0's decision at ``step`` (no regrowth), its masks before, and the weights."""
+    trainer = cpu_trainer(
+        BASE,
+        tmp_path / scope,
+        f"ast.prune_scope={scope}",
+        "ast.regrow_fraction=0",
+        "ast.regrow_fraction_min=0",
+    )
+    model = trainer.model
+    weights = model.sparse_weights()
+    with torch.no_grad():
+        for w in weights:  # distinct magnitudes: no ties to break
+            w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(w.numel())))
+        weights[1].view(-1)[7] = 100.0
+    own = [torch.rand(w.shape, generator=torch.Generator().manual_seed(3)) < 0.9 for w in weights]
+    own[1].view(-1)[7] = False
+    model.set_masks(0, own)
+    other = [m.clone() for m in own]
+    other[1].view(-1)[7] = True
+    model.set_masks(1, other)
+    grads = [torch.zeros_like(w) for w in weights]
+    return trainer.updater.decide(0, step, grads), own, weights
+
+
+def _top_by_magnitude(weights, candidates, keep):
+    """The ``keep`` largest |w| among ``candidates``, by a full sort written out here."""
+    flat_w = torch.cat([w.detach().abs().reshape(-1) for w in weights])
+    flat_c = torch.cat([c.reshape(-1) for c in candidates])
+    order = torch.sort(torch.where(flat_c, flat_w, -1.0), descending=True, stable=True).indices
+    chosen = torch.zeros_like(flat_c)
+    chosen[order[:keep]] = True
+    return chosen
+
+
+def test_shared_prune_scope_ranks_the_whole_tensor_during_the_ramp(tmp_path):
+    """Inside the ramp, shared picks sub-net 0's weights from every entry (so position 7,
+    held large by sub-net 1, comes back); subnet ranks sub-net 0's live weights only."""
+    step = 12  # sub-net 0's second update (ΔT = 12), inside the ramp
+    runs = {
+        s: _decide_with_a_large_weight_outside_subnet_0(tmp_path, s, step)
+        for s in ("subnet", "shared")
+    }
+    new, own, weights = runs["shared"]
+    keep = sum(int(m.sum()) for m in new)
+    assert keep < sum(int(m.sum()) for m in own)  # the ramp prunes at this step
+    everything = [torch.ones_like(m) for m in own]
+    assert torch.equal(
+        torch.cat([m.reshape(-1) for m in new]), _top_by_magnitude(weights, everything, keep)
+    )
+    assert new[1].view(-1)[7]
+    new, own, weights = runs["subnet"]
+    assert torch.equal(
+        torch.cat([m.reshape(-1) for m in new]), _top_by_magnitude(weights, own, keep)
+    )
+    assert not new[1].view(-1)[7]
+
+
+def test_shared_prune_scope_is_the_subnet_rule_after_the_ramp(tmp_path):
+    trainer = cpu_trainer(BASE, tmp_path / "t")
+    step = trainer.schedule.ramp_end + trainer.schedule.update_every  # scheduled after the ramp
+    (shared, own, _), (subnet, _, _) = (
+        _decide_with_a_large_weight_outside_subnet_0(tmp_path, s, step)
+        for s in ("shared", "subnet")
+    )
+    assert sum(int(m.sum()) for m in shared) < sum(int(m.sum()) for m in own)  # it pruned
+    assert all(torch.equal(a, b) for a, b in zip(shared, subnet, strict=True))
+    assert not shared[1].view(-1)[7]
+
+
 # -- config validation -----------------------------------------------------------------
 @pytest.mark.parametrize(
     "overrides,message",
@@ -299,6 +373,11 @@ def test_cli_run_with_every_authors_switch_finishes(tmp_path):
         (["ast.regrow_init=random"], r"invalid ast\.regrow_init='random': choose one of"),
         (["optim.inactive_weights=drift"], r"invalid optim\.inactive_weights='drift': choose"),
         (["optim.lr_per=batch"], r"invalid optim\.lr_per='batch': choose one of"),
+        (["ast.prune_scope=all"], r"invalid ast\.prune_scope='all': choose one of"),
+        (
+            ["ast.prune_scope=shared", "ast.mask_relation=completely_subset"],
+            r"invalid ast\.prune_scope='shared': .*use prune_scope=subnet",
+        ),
         (["model.shared_batchnorm=['']"], r"invalid model\.shared_batchnorm=\[''\]: give"),
         (
             ["engine=deepspeed", "optim.inactive_weights=moving"],
@@ -322,6 +401,7 @@ def test_defaults_are_the_paper_rules():
     assert c.optim.inactive_weights == "frozen"
     assert c.optim.batchnorm_weight_decay is False
     assert c.optim.lr_per == "step"
+    assert c.ast.prune_scope == "subnet"
     assert c.model.shared_batchnorm == []
     assert ModelConfig().shared_batchnorm == []
 

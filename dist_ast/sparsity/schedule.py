@@ -80,6 +80,12 @@ class SparsitySchedule:
     def target_count(self, subnet: int, step: float, total: int) -> int:
         return density_count(1.0 - self.target_sparsity(subnet, step), total)
 
+    def ramp_on(self, subnet: int, step: int) -> bool:
+        """Whether ``subnet``'s update carried out at ``step`` was scheduled inside the
+        ramp (its j-th update counts as the ramp's j-th pruning, as in the authors' code)."""
+        j = (step - self.ramp_start - subnet * self.stagger) // self.update_every
+        return self.ramp_start + j * self.update_every <= self.ramp_end
+
     def regrow_fraction(self, step: float) -> float:
         return regrow_fraction(
             step, total_steps=self.total_steps, initial=self.regrow_initial, minimum=self.regrow_min

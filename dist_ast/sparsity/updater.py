@@ -36,9 +36,13 @@ class MaskUpdater:
         nm_patterns: list[str] | None = None,
         regrow_init: str = "zero",
         inactive_weights: str = "frozen",
+        prune_scope: str = "subnet",
     ) -> None:
         if regrow_init not in ("zero", "kept"):
             raise ValueError(f"regrow_init must be zero or kept, not {regrow_init!r}")
+        if prune_scope not in ("subnet", "shared"):
+            raise ValueError(f"prune_scope must be subnet or shared, not {prune_scope!r}")
+        self.prune_scope = prune_scope
         self.model = model
         # A fresh weight (regrown, live in no other sub-net) starts at 0 (zero) or keeps
         # its value (kept). Its momentum is zeroed, except kept + inactive_weights=moving:
@@ -87,9 +91,13 @@ class MaskUpdater:
         if self.completely_subset and k > 0:
             # CS: sparser sub-nets only prune, inside the next denser one (S-Net style).
             return global_magnitude_prune(weights, self.model.masks(k - 1), target, protect)
+        candidates = self.model.masks(k)
+        if self.prune_scope == "shared" and self.schedule.ramp_on(k, step):
+            # the authors' scheduled pruning: the top |w| of the whole shared tensor
+            candidates = [torch.ones_like(m) for m in candidates]
         return prune_and_regrow(
             weights,
-            self.model.masks(k),
+            candidates,
             dense_grads,
             target_count=target,
             regrow_fraction=fraction,
