@@ -46,7 +46,12 @@ NOTES = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--rounds", type=int, default=3, help="sync+async saves per world size")
-    p.add_argument("--model", default="resnet50", choices=["resnet18", "resnet50"])
+    p.add_argument(
+        "--model",
+        default="resnet50",
+        choices=["resnet18", "resnet50", "resnet20"],
+        help="resnet20: the small CIFAR model, for a quick smoke round",
+    )
     p.add_argument("--subnets", type=int, default=3)
     p.add_argument("--dir", default=None, help="where to write (default: a temp folder)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")

@@ -28,7 +28,9 @@ NOTES = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="resnet50", choices=["resnet18", "resnet50", "wrn32"])
+    p.add_argument(
+        "--model", default="resnet50", choices=["resnet18", "resnet50", "wrn32", "resnet20"]
+    )
     p.add_argument("--max-subnets", type=int, default=5)
     p.add_argument("--image-size", type=int, default=64, help="input side (state is size-free)")
     p.add_argument("--batch-size", type=int, default=2)

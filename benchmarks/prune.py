@@ -37,7 +37,12 @@ NOTES = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="resnet50", choices=["resnet18", "resnet50"])
+    p.add_argument(
+        "--model",
+        default="resnet50",
+        choices=["resnet18", "resnet50", "resnet20"],
+        help="resnet20: the small CIFAR model, for a quick smoke round",
+    )
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=8, help="dense step's batch (CPU: small)")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95])

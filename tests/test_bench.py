@@ -274,23 +274,23 @@ TINY = {
         ["| dense |", "| ast |", "| ast_gc |", "| joint |"],
     ),
     "prune": (
-        ["--model", "resnet18", "--image-size", "32", "--batch-size", "2"]
+        ["--model", "resnet20", "--image-size", "32", "--batch-size", "2"]
         + ["--sparsities", "0.8", "0.9", "--repeats", "1", "--warmup", "0", "--threads", "1"],
         ["decide (sub-net 1", "broadcast bit-packed masks", "checksum check"],
     ),
     "memory": (
-        ["--model", "resnet18", "--max-subnets", "2", "--image-size", "32", "--batch-size", "2"]
+        ["--model", "resnet20", "--max-subnets", "2", "--image-size", "32", "--batch-size", "2"]
         + ["--device", "cpu"],
-        ["| resnet18 | dense |", "| resnet18 | 1 |", "| resnet18 | 2 |"],
+        ["| resnet20 | dense |", "| resnet20 | 1 |", "| resnet20 | 2 |"],
     ),
-    "comm": (["--model", "resnet18", "--densities", "0.1", "--repeats", "1"], ["| 0.1 |"]),
+    "comm": (["--model", "resnet20", "--densities", "0.1", "--repeats", "1"], ["| 0.1 |"]),
     "data": (
         ["--images", "16", "--batch-size", "8", "--image-size", "32", "--workers", "0"]
         + ["--rounds", "1", "--cache", "{tmp}/data"],
         ["torchvision ImageFolder", "webdataset + torchvision", "DALI (fused decode+crop)"],
     ),
     "checkpoint": (
-        ["--ranks", "1", "2", "--rounds", "1", "--model", "resnet18", "--subnets", "2"]
+        ["--ranks", "1", "2", "--rounds", "1", "--model", "resnet20", "--subnets", "2"]
         + ["--dir", "{tmp}/ckpt"],
         ["| 1 |", "| 2 |"],
     ),

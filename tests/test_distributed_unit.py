@@ -175,12 +175,12 @@ def test_hook_plan_falls_back_to_dense_above_threshold() -> None:
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_comm_bench_rows_bytes_follow_density() -> None:
-    """The benchmark's own run (2 gloo processes, ResNet-18 buckets): it checks the compact
+    """The benchmark's own run (2 gloo processes, ResNet-20 buckets): it checks the compact
     result against a dense all-reduce then masking, and sends density's share of bytes
     plus the always-dense entries (first conv, BatchNorm, biases: < 1% of the total)."""
     from benchmarks import comm, harness
 
-    options = ["--model", "resnet18", "--densities", "0.1", "0.5", "--repeats", "1"]
+    options = ["--model", "resnet20", "--densities", "0.1", "0.5", "--repeats", "1"]
     rows = comm.run(harness.parse_args(comm, options))
     assert [r["density"] for r in rows] == [0.1, 0.5]
     for r in rows:

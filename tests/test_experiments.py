@@ -39,12 +39,12 @@ def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def cpu_overrides(shipped: RunConfig, shards: Path) -> list[str]:
     """What a CPU and a test budget need on top of the shipped config, nothing else."""
-    out = [f"train.stop_after_steps={STEPS}", "train.batch_size=4", "train.progress=false"]
+    out = [f"train.stop_after_steps={STEPS}", "train.batch_size=16", "train.progress=false"]
     if shipped.data.name in NEEDS_A_DATASET:
         out += [
             f"data.root={shards}",
             "model.num_classes=10",
-            f"data.image_size={min(shipped.data.image_size, 64)}",
+            f"data.image_size={min(shipped.data.image_size, 32)}",
             "data.num_workers=1",
         ]
     return out
