@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from benchmarks.harness import add_model_argument
 from dist_ast.distributed.setup import free_port, leave_together
 from dist_ast.sparsity.masks import random_masks
 
@@ -46,12 +47,7 @@ NOTES = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--rounds", type=int, default=3, help="sync+async saves per world size")
-    p.add_argument(
-        "--model",
-        default="resnet50",
-        choices=["resnet18", "resnet50", "resnet20"],
-        help="resnet20: the small CIFAR model, for a quick smoke round",
-    )
+    add_model_argument(p)
     p.add_argument("--subnets", type=int, default=3)
     p.add_argument("--dir", default=None, help="where to write (default: a temp folder)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")

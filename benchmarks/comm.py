@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from benchmarks.harness import add_model_argument
 from dist_ast.distributed.setup import free_port, leave_together
 from dist_ast.sparsity.masks import random_masks
 
@@ -48,12 +49,7 @@ NOTES = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
     p.add_argument("--repeats", type=int, default=7, help="timed repetitions per density")
-    p.add_argument(
-        "--model",
-        default="resnet50",
-        choices=["resnet18", "resnet50", "resnet20"],
-        help="resnet20: the small CIFAR model, for a quick smoke round",
-    )
+    add_model_argument(p)
     p.add_argument("--bucket-mb", type=float, default=25.0)
     p.add_argument(
         "--max-density",

@@ -288,6 +288,17 @@ def append_markdown(path: Path, section: str) -> None:
 
 
 # -- the command line ---------------------------------------------------------------------
+def add_model_argument(p: argparse.ArgumentParser, *more: str) -> None:
+    """``--model`` of the benchmarks that build a sub-net model: the ImageNet ResNets, and
+    the small CIFAR resnet20 that keeps a smoke round (tests/test_bench.py) quick."""
+    p.add_argument(
+        "--model",
+        default="resnet50",
+        choices=["resnet18", "resnet50", *more, "resnet20"],
+        help="resnet20: the small CIFAR model, for a quick smoke round",
+    )
+
+
 def parse_args(
     module: Any, argv: Sequence[str] = (), name: str | None = None
 ) -> argparse.Namespace:

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.harness import add_model_argument
+
 log = logging.getLogger("benchmarks.memory")
 
 TITLE = "memory"
@@ -28,9 +30,7 @@ NOTES = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", default="resnet50", choices=["resnet18", "resnet50", "wrn32", "resnet20"]
-    )
+    add_model_argument(p, "wrn32")
     p.add_argument("--max-subnets", type=int, default=5)
     p.add_argument("--image-size", type=int, default=64, help="input side (state is size-free)")
     p.add_argument("--batch-size", type=int, default=2)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import paired_ratios, summarize, time_interleaved
+from benchmarks.harness import add_model_argument, paired_ratios, summarize, time_interleaved
 from dist_ast.distributed.setup import free_port, leave_together
 from dist_ast.sparsity.masks import random_masks
 
@@ -37,12 +37,7 @@ NOTES = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default="resnet50",
-        choices=["resnet18", "resnet50", "resnet20"],
-        help="resnet20: the small CIFAR model, for a quick smoke round",
-    )
+    add_model_argument(p)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=8, help="dense step's batch (CPU: small)")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95])

@@ -295,9 +295,10 @@ def test_cli_run_with_every_authors_switch_finishes(tmp_path):
 
 
 # -- ast.prune_scope ------------------------------------------------------------------
-def _decide_with_a_large_weight_outside_subnet_0(tmp_path, scope, step):
+def _decide_with_a_large_weight_outside_subnet_0(tmp_path, scope, step_of):
     """Sub-net 0 lacks position 7 of layer 1, which sub-net 1 holds at |w| = 100; returns
-    sub-net 0's decision at ``step`` (no regrowth), its masks before, and the weights."""
+    sub-net 0's decision at ``step_of(schedule)`` (no regrowth), its masks before, and the
+    weights."""
     trainer = cpu_trainer(
         BASE,
         tmp_path / scope,
@@ -318,13 +319,17 @@ def _decide_with_a_large_weight_outside_subnet_0(tmp_path, scope, step):
     other[1].view(-1)[7] = True
     model.set_masks(1, other)
     grads = [torch.zeros_like(w) for w in weights]
-    return trainer.updater.decide(0, step, grads), own, weights
+    return trainer.updater.decide(0, step_of(trainer.schedule), grads), own, weights
+
+
+def _flat(masks):
+    return torch.cat([m.reshape(-1) for m in masks])
 
 
 def _top_by_magnitude(weights, candidates, keep):
     """The ``keep`` largest |w| among ``candidates``, by a full sort written out here."""
-    flat_w = torch.cat([w.detach().abs().reshape(-1) for w in weights])
-    flat_c = torch.cat([c.reshape(-1) for c in candidates])
+    flat_w = _flat(weights).detach().abs()
+    flat_c = _flat(candidates)
     order = torch.sort(torch.where(flat_c, flat_w, -1.0), descending=True, stable=True).indices
     chosen = torch.zeros_like(flat_c)
     chosen[order[:keep]] = True
@@ -334,31 +339,27 @@ def _top_by_magnitude(weights, candidates, keep):
 def test_shared_prune_scope_ranks_the_whole_tensor_during_the_ramp(tmp_path):
     """Inside the ramp, shared picks sub-net 0's weights from every entry (so position 7,
     held large by sub-net 1, comes back); subnet ranks sub-net 0's live weights only."""
-    step = 12  # sub-net 0's second update (ΔT = 12), inside the ramp
-    runs = {
-        s: _decide_with_a_large_weight_outside_subnet_0(tmp_path, s, step)
+    runs = {  # at step 12, sub-net 0's second update (ΔT = 12), inside the ramp
+        s: _decide_with_a_large_weight_outside_subnet_0(tmp_path, s, lambda schedule: 12)
         for s in ("subnet", "shared")
     }
     new, own, weights = runs["shared"]
     keep = sum(int(m.sum()) for m in new)
     assert keep < sum(int(m.sum()) for m in own)  # the ramp prunes at this step
     everything = [torch.ones_like(m) for m in own]
-    assert torch.equal(
-        torch.cat([m.reshape(-1) for m in new]), _top_by_magnitude(weights, everything, keep)
-    )
+    assert torch.equal(_flat(new), _top_by_magnitude(weights, everything, keep))
     assert new[1].view(-1)[7]
     new, own, weights = runs["subnet"]
-    assert torch.equal(
-        torch.cat([m.reshape(-1) for m in new]), _top_by_magnitude(weights, own, keep)
-    )
+    assert torch.equal(_flat(new), _top_by_magnitude(weights, own, keep))
     assert not new[1].view(-1)[7]
 
 
 def test_shared_prune_scope_is_the_subnet_rule_after_the_ramp(tmp_path):
-    trainer = cpu_trainer(BASE, tmp_path / "t")
-    step = trainer.schedule.ramp_end + trainer.schedule.update_every  # scheduled after the ramp
+    def after_ramp(schedule):  # an update scheduled after the ramp's end
+        return schedule.ramp_end + schedule.update_every
+
     (shared, own, _), (subnet, _, _) = (
-        _decide_with_a_large_weight_outside_subnet_0(tmp_path, s, step)
+        _decide_with_a_large_weight_outside_subnet_0(tmp_path, s, after_ramp)
         for s in ("shared", "subnet")
     )
     assert sum(int(m.sum()) for m in shared) < sum(int(m.sum()) for m in own)  # it pruned
