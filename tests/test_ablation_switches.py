@@ -23,6 +23,7 @@ from dist_ast.models import build_subnet_model
 from dist_ast.sparsity import SwitchableBatchNorm2d
 from dist_ast.subnets_io import load_subnet_model
 from tests.cli_utils import dist_ast_train, torchrun
+from tests.deps import require
 from tests.trainer_utils import RAMP60, cpu_trainer
 
 # plain SGD + weight decay (no nesterov) so the expected updates are short to write out
@@ -424,3 +425,41 @@ def test_two_ranks_with_every_authors_switch_finish(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 14
+
+
+# the switches that engine=deepspeed accepts (moving and kept need engine=ddp)
+DDP_ONLY = ("ast.regrow_init", "optim.inactive_weights")
+ENGINE_FREE = [a for a in AUTHORS if a.split("=")[0] not in DDP_ONLY]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_deepspeed_follows_the_switches_as_ddp_does(tmp_path):
+    """engine=deepspeed builds its own flat fp32 partitions and param groups: with weight
+    decay on BatchNorm, a plain shared BatchNorm, the lr held per epoch and the shared
+    prune scope, 14 steps on 2 ranks end where engine=ddp's do (same split; fp32 sums in
+    another order), masks equal. Weight decay 1e-2 moves a BatchNorm weight ~1e-3 a step,
+    so a dropped switch would be 100x the tolerance."""
+    require("deepspeed")  # pinned in constraints.txt: a missing one fails, never skips
+    states = {}
+    for engine in ("ddp", "deepspeed"):
+        run_dir = tmp_path / engine
+        proc = torchrun(
+            "dist_ast.train",
+            *BASE,
+            "train.stop_after_steps=14",
+            "train.tensorboard=false",
+            f"engine={engine}",
+            f"run_dir={run_dir}",
+            *ENGINE_FREE,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        states[engine] = torch.load(run_dir / "model.pt", weights_only=True)["model"]
+    ddp, ds = states["ddp"], states["deepspeed"]
+    assert ddp.keys() == ds.keys()
+    assert any(v.dtype == torch.bool for v in ddp.values())  # the masks are compared too
+    for k, v in ddp.items():
+        if v.dtype == torch.bool:
+            assert torch.equal(v, ds[k]), k
+        else:
+            torch.testing.assert_close(ds[k].double(), v.double(), atol=1e-4, rtol=0, msg=k)
