@@ -456,10 +456,6 @@ def test_deepspeed_follows_the_switches_as_ddp_does(tmp_path):
         assert proc.returncode == 0, proc.stderr[-4000:]
         states[engine] = torch.load(run_dir / "model.pt", weights_only=True)["model"]
     ddp, ds = states["ddp"], states["deepspeed"]
-    assert ddp.keys() == ds.keys()
     assert any(v.dtype == torch.bool for v in ddp.values())  # the masks are compared too
-    for k, v in ddp.items():
-        if v.dtype == torch.bool:
-            assert torch.equal(v, ds[k]), k
-        else:
-            torch.testing.assert_close(ds[k].double(), v.double(), atol=1e-4, rtol=0, msg=k)
+    # masks and counters exactly (integer dtypes), float tensors within 1e-4
+    torch.testing.assert_close(ds, ddp, atol=1e-4, rtol=0)
